@@ -1,0 +1,3 @@
+from ssl_cli.cli import main
+
+main()

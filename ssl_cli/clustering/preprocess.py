@@ -1,0 +1,198 @@
+"""DeepCluster's feature preprocessing: PCA (optionally whitened), then L2 normalisation.
+
+The PCA is fitted here in numpy with float64 accumulation rather than with faiss's PCAMatrix, so
+the preprocessing does not depend on which k-means backend runs afterwards, and so it can be fitted
+over chunks streamed from disk (``CovarianceAccumulator``) when the features do not fit in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["PCA", "CovarianceAccumulator", "fit_pca", "l2_normalize", "preprocess"]
+
+# Rows per block when projecting: bounds the (rows, D) float32 temporary of the centring step
+# (64 MiB at D = 256, 1 GiB at D = 4096) instead of copying all N rows at once.
+_TRANSFORM_BLOCK_ROWS = 65536
+
+
+@dataclass(frozen=True, eq=False)
+class PCA:
+    """A fitted projection: ``transform(x) = ((x - mean) @ components.T) * scale``.
+
+    mean: (D,) float32 -- mean of the fit sample.
+    components: (d_out, D) float32 -- principal axes as rows, highest variance first, each with
+        its largest-magnitude entry positive so refits on the same data give identical signs.
+    scale: (d_out,) float32 -- 1 / sqrt(eigenvalue + eps) when whitened, else ones.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def dim_in(self) -> int:
+        return int(self.components.shape[1])
+
+    @property
+    def dim_out(self) -> int:
+        return int(self.components.shape[0])
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Project features.
+
+        x: (N, D) features. Returns (N, d_out) float32.
+        """
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim_in:
+            raise ValueError(
+                f"PCA was fitted on {self.dim_in}-dimensional features but got an array of shape "
+                f"{x.shape}; pass the same feature set the PCA was fitted on"
+            )
+        # Folding the scale into the projection saves a pass over the (N, d_out) output.
+        projection = (self.components * self.scale[:, None]).T.astype(np.float32)
+        out = np.empty((x.shape[0], self.dim_out), dtype=np.float32)
+        for start in range(0, x.shape[0], _TRANSFORM_BLOCK_ROWS):
+            block = x[start : start + _TRANSFORM_BLOCK_ROWS].astype(np.float32, copy=False)
+            # Centring before the product (not subtracting mean @ components.T afterwards) avoids
+            # float32 cancellation when the features have a large mean, as post-ReLU features do.
+            np.matmul(block - self.mean, projection, out=out[start : start + block.shape[0]])
+        return out
+
+
+class CovarianceAccumulator:
+    """Streams feature chunks into float64 sums so a PCA can be fitted without holding all rows.
+
+    Sums are taken around a shift (the mean of the first chunk) rather than around zero: the
+    covariance is then a difference of small numbers instead of two large ones, which keeps
+    float64 exact enough even when the feature mean dwarfs the spread.
+    """
+
+    def __init__(self) -> None:
+        self._shift: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._outer: np.ndarray | None = None
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def update(self, chunk: np.ndarray) -> None:
+        """Add rows. chunk: (m, D) features, any float dtype; m may be 0."""
+        chunk = np.asarray(chunk)
+        if chunk.ndim != 2:
+            raise ValueError(f"expected a 2-D (rows, features) chunk, got shape {chunk.shape}")
+        if self._shift is not None and chunk.shape[1] != self._shift.shape[0]:
+            raise ValueError(
+                f"chunk has {chunk.shape[1]} features but earlier chunks had {self._shift.shape[0]}"
+            )
+        if chunk.shape[0] == 0:
+            return
+        centred = chunk.astype(np.float64)
+        if self._shift is None:
+            self._shift = centred.mean(axis=0)
+            dim = chunk.shape[1]
+            self._sum = np.zeros(dim, dtype=np.float64)
+            self._outer = np.zeros((dim, dim), dtype=np.float64)
+        centred -= self._shift
+        self._sum += centred.sum(axis=0)
+        self._outer += centred.T @ centred
+        self._count += chunk.shape[0]
+
+    def covariance(self) -> tuple[np.ndarray, np.ndarray]:
+        """Returns the (D,) float64 mean and the (D, D) float64 sample covariance (n - 1 divisor)."""
+        if self._count < 2 or self._shift is None or self._sum is None or self._outer is None:
+            raise ValueError(f"a covariance needs at least 2 rows, got {self._count}")
+        shifted_mean = self._sum / self._count
+        # The n - 1 divisor matches numpy.cov and scikit-learn's PCA explained_variance_.
+        covariance = (self._outer - self._count * np.outer(shifted_mean, shifted_mean)) / (self._count - 1)
+        # Restore exact symmetry lost to rounding so eigh sees a symmetric matrix.
+        covariance = 0.5 * (covariance + covariance.T)
+        return shifted_mean + self._shift, covariance
+
+    def finalize(self, dim: int, whiten: bool = True, eps: float = 1e-5) -> PCA:
+        """Fit the PCA on everything seen so far.
+
+        dim: output dimension d_out, 1 <= dim <= min(D, rows seen).
+        whiten: scale each axis to unit variance (DeepCluster's eigen_power = -0.5).
+        eps: added to each eigenvalue before the inverse square root, so near-null directions
+            are not blown up into noise.
+        """
+        dim_in = 0 if self._shift is None else self._shift.shape[0]
+        if dim < 1:
+            raise ValueError(f"PCA dimension must be at least 1, got {dim}")
+        if dim > dim_in:
+            raise ValueError(
+                f"PCA dimension {dim} exceeds the feature dimension {dim_in}; choose a dim <= {dim_in}"
+            )
+        if dim > self._count:
+            raise ValueError(
+                f"PCA dimension {dim} exceeds the number of fit rows {self._count}; "
+                f"use a larger PCA sample or a dim <= {self._count}"
+            )
+        mean, covariance = self.covariance()
+        # eigh is deterministic and returns ascending eigenvalues; keep the top `dim`, descending.
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        order = np.arange(dim_in - 1, dim_in - 1 - dim, -1)
+        eigenvalues = np.clip(eigenvalues[order], 0.0, None)
+        components = eigenvectors[:, order].T
+        # An eigenvector's sign is arbitrary; pin it so the same data always gives the same axes.
+        pivots = np.abs(components).argmax(axis=1)
+        signs = np.sign(components[np.arange(dim), pivots])
+        components *= np.where(signs == 0, 1.0, signs)[:, None]
+        scale = 1.0 / np.sqrt(eigenvalues + eps) if whiten else np.ones(dim)
+        return PCA(
+            mean=mean.astype(np.float32),
+            components=components.astype(np.float32),
+            scale=scale.astype(np.float32),
+        )
+
+
+def fit_pca(sample: np.ndarray, dim: int, whiten: bool = True, eps: float = 1e-5) -> PCA:
+    """Fit a PCA on an in-memory sample.
+
+    sample: (n, D) features. dim: d_out with dim <= min(D, n). whiten, eps: see
+    ``CovarianceAccumulator.finalize``. Returns a ``PCA`` mapping (N, D) to (N, dim).
+    """
+    sample = np.asarray(sample)
+    if sample.ndim != 2:
+        raise ValueError(f"expected a 2-D (rows, features) sample, got shape {sample.shape}")
+    accumulator = CovarianceAccumulator()
+    accumulator.update(sample)
+    if accumulator.count == 0:
+        raise ValueError("cannot fit a PCA on an empty sample")
+    return accumulator.finalize(dim, whiten=whiten, eps=eps)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Scale each row to unit Euclidean norm.
+
+    x: (N, d). Returns (N, d) float32; all-zero rows stay zero instead of becoming NaN.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D (rows, features) array, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    out = np.zeros_like(x)
+    np.divide(x, norms, out=out, where=norms > 0)
+    return out
+
+
+def preprocess(x: np.ndarray, pca: PCA | None) -> np.ndarray:
+    """DeepCluster's preprocessing: optional PCA(-whitening), then L2 normalisation.
+
+    x: (N, D) features. pca: a fitted ``PCA`` or None to skip the projection.
+    Returns (N, d) float32 with d = pca.dim_out (or D), every non-zero row of unit norm.
+    """
+    projected = np.asarray(x, dtype=np.float32) if pca is None else pca.transform(x)
+    # Checked once here because a single NaN feature row would silently poison every centroid.
+    bad_rows = ~np.isfinite(projected).all(axis=1)
+    if bad_rows.any():
+        raise ValueError(
+            f"{int(bad_rows.sum())} of {projected.shape[0]} feature rows contain NaN or inf "
+            f"(first at row {int(np.flatnonzero(bad_rows)[0])}); re-extract the features"
+        )
+    return l2_normalize(projected)

@@ -1,0 +1,66 @@
+"""DeepCluster preprocessing over features streamed from disk in chunks (memory bounded by a chunk)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ssl_cli.artifacts.h5 import H5Artifact
+from ssl_cli.clustering.preprocess import PCA, CovarianceAccumulator, preprocess
+from ssl_cli.errors import UserError
+
+
+def check_finite(block: np.ndarray, offset: int, features: H5Artifact) -> None:
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        first = offset + int(np.argmax(bad))
+        sample_id = features["sample_ids"].asstr()[first]
+        raise UserError(f"{features.path} has NaN or inf in {int(bad.sum())}+ row(s), first at row {first} "
+                        f"({sample_id}); re-extract the features or drop those images")
+
+
+def fit_pca_streamed(features: H5Artifact, dim: int, sample_rows: int, seed: int, chunk_rows: int) -> PCA:
+    """Fit a whitening PCA on a seeded sample of rows, read chunk by chunk; checks every row is finite.
+
+    Returns a PCA mapping (N, D) -> (N, dim).
+    """
+    n, width = features["features"].shape
+    if dim > width:
+        raise UserError(f"--pca-dim {dim} exceeds the feature dimension {width}; use --pca-dim {width} or less, or 0 for no PCA")
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng(seed).choice(n, size=min(n, sample_rows), replace=False)] = True
+    if chosen.sum() <= dim:
+        raise UserError(f"--pca-dim {dim} needs more than {dim} sampled rows, have {int(chosen.sum())}; "
+                        f"raise --pca-sample or lower --pca-dim")
+    accumulator = CovarianceAccumulator()
+    for offset, block in features.iter_rows("features", chunk_rows):
+        block = block.astype(np.float32, copy=False)
+        check_finite(block, offset, features)
+        picked = block[chosen[offset : offset + len(block)]]
+        if len(picked):
+            accumulator.update(picked)
+    return accumulator.finalize(dim, whiten=True)
+
+
+def reduce_streamed(features: H5Artifact, pca: PCA | None, chunk_rows: int, check: bool = False) -> np.ndarray:
+    """All rows, PCA-projected (if any) and L2-normalised: (N, D) on disk -> (N, d) float32 in memory."""
+    n = features.rows("features")
+    width = pca.dim_out if pca is not None else features["features"].shape[1]
+    out = np.empty((n, width), dtype=np.float32)
+    for offset, block in features.iter_rows("features", chunk_rows):
+        block = block.astype(np.float32, copy=False)
+        if check:
+            check_finite(block, offset, features)
+        out[offset : offset + len(block)] = preprocess(block, pca)
+    return out
+
+
+def pca_arrays(pca: PCA | None) -> dict[str, np.ndarray]:
+    if pca is None:
+        return {}
+    return {"pca_mean": pca.mean, "pca_components": pca.components, "pca_scale": pca.scale}
+
+
+def pca_from_artifact(clusters: H5Artifact) -> PCA | None:
+    if "pca_components" not in clusters:
+        return None
+    return PCA(clusters.array("pca_mean"), clusters.array("pca_components"), clusters.array("pca_scale"))

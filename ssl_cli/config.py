@@ -1,0 +1,129 @@
+"""One strict pydantic model per stage, resolved in one place: YAML defaults, then flags.
+
+`resolve` is the only way a stage config is built, so every bad field is named in one error,
+and a user's value is stored as given (never rescaled in place).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ssl_cli.errors import UserError
+
+
+class StageConfig(BaseModel):
+    """Fields shared by every stage. `DISPLAY_ONLY` fields never enter the fingerprint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = frozenset({"out", "force", "progress", "device", "workers"})
+
+    out: Path = Field(description="output file")
+    force: bool = Field(False, description="replace an existing output made with other settings")
+    progress: bool = Field(True, description="show a progress bar")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes")
+
+    def result_config(self) -> dict[str, Any]:
+        """The fields that change the result: what the fingerprint covers."""
+        return self.model_dump(mode="json", exclude=set(self.DISPLAY_ONLY))
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+class ExtractConfig(StageConfig):
+    # batch size changes only throughput, so it stays out of the fingerprint like workers
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"batch_size"}
+
+    data: str = Field(description="image source: folder, images .h5, or fashion-mnist:DIR[:train|test]")
+    model: Path | None = Field(None, description="ssl-cli checkpoint to extract from (gives arch and input size)")
+    arch: str | None = Field(None, description="architecture when no --model is given (random init or --weights)")
+    weights: Path | None = Field(None, description="local state dict for --arch")
+    layer: str | None = Field(None, description="named layer to read (default: the arch's feature layer)")
+    pool: Literal["avg", "max", "none"] = Field("avg", description="spatial pooling of conv maps")
+    pool_size: int = Field(1, ge=1, le=16, description="conv maps are pooled to pool_size x pool_size")
+    image_size: int | None = Field(None, ge=8, le=1024, description="input size for --arch (default: the arch's)")
+    batch_size: int = Field(64, ge=1, le=65536)
+    dtype: Literal["float32", "float16"] = Field("float32", description="storage type of the features")
+    seed: int = Field(0, description="seed of a randomly initialised --arch")
+
+
+class ClusterConfig(StageConfig):
+    features: Path
+    k: int = Field(ge=2, description="number of clusters")
+    pca_dim: int = Field(256, ge=0, description="PCA dimensions, whitened (0 = no PCA)")
+    pca_sample: int = Field(100_000, ge=1, description="rows sampled to fit the PCA")
+    niter: int = Field(20, ge=1, le=10_000, description="k-means iterations")
+    seed: int = Field(0)
+    max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many rows")
+    backend: Literal["faiss", "torch"] = Field("faiss")
+    gpu: Literal["auto", "on", "off"] = Field("auto", description="faiss on every visible GPU")
+    chunk_rows: int = Field(65_536, ge=1, description="rows read from disk at a time")
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows"}
+
+
+class PseudolabelConfig(StageConfig):
+    clusters: Path
+    features: Path
+    chunk_rows: int = Field(65_536, ge=1)
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"chunk_rows"}
+
+
+class ToyDataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    out: Path
+    n: int = Field(400, ge=2)
+    classes: int = Field(4, ge=2)
+    size: int = Field(32, ge=16, le=512)
+    seed: int = 0
+
+
+class PackConfig(StageConfig):
+    data: str
+    image_size: int | None = Field(None, ge=8, le=1024, description="resize to this square size (default: keep)")
+
+
+def format_validation_error(error: ValidationError, source: str = "") -> str:
+    """Every bad field on one line: 'k: must be >= 2; niter: not an integer'."""
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(piece) for piece in item["loc"]) or "config"
+        flag = "--" + field.replace("_", "-")
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif item["type"] == "missing":
+            message = "required (pass it as a flag or in --config)"
+        parts.append(f"{flag}: {message}")
+    where = f" in {source}" if source else ""
+    return f"invalid settings{where}: " + "; ".join(parts)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"--config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"--config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must hold a mapping of option names to values")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def resolve(model: type[BaseModel], config_file: Path | None, flags: dict[str, Any]) -> Any:
+    """Defaults from `config_file`, overridden by the flags the user passed (None = not passed)."""
+    values = load_yaml(config_file) if config_file else {}
+    values.update({key: value for key, value in flags.items() if value is not None})
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise UserError(format_validation_error(error, str(config_file) if config_file else "")) from None

@@ -1,0 +1,1 @@
+"""Architectures by name, with named layers for extraction and linear probes."""

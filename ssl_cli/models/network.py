@@ -1,0 +1,73 @@
+"""A network with everything needed to feed it: arch, options, input size and normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_cli.artifacts.checkpoint import load_checkpoint
+from ssl_cli.data.sources import weights_input
+from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ssl_cli.errors import UserError
+from ssl_cli.models.layers import load_weights
+from ssl_cli.models.registry import ArchSpec, build_model, get_arch
+
+
+@dataclass
+class Network:
+    model: nn.Module
+    spec: ArchSpec
+    arch_kwargs: dict[str, Any]
+    input_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    inputs: list[dict[str, str]] = field(default_factory=list)  # provenance of the weights
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint records so the network can be rebuilt with no other flag."""
+        return {
+            "arch": self.spec.name,
+            "arch_kwargs": dict(self.arch_kwargs),
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+def network_from_checkpoint(path: Path) -> Network:
+    data = load_checkpoint(path)
+    meta = data["meta"]
+    for key in ("arch", "input_size"):
+        if key not in meta:
+            raise UserError(f"{path} does not record '{key}'; it is not a model checkpoint")
+    spec = get_arch(meta["arch"])
+    model = build_model(spec.name, **meta.get("arch_kwargs", {}))
+    model.load_state_dict(data["model"])
+    return Network(
+        model, spec, dict(meta.get("arch_kwargs", {})), int(meta["input_size"]),
+        tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD)),
+        inputs=[{"path": str(path), "fingerprint": meta["fingerprint"]}],
+    )
+
+
+def network_from_arch(arch: str, weights: Path | None, image_size: int | None, seed: int,
+                      arch_kwargs: dict[str, Any] | None = None) -> Network:
+    """A registry arch, randomly initialised from `seed` or loaded from local `weights`."""
+    spec = get_arch(arch)
+    size = image_size or spec.input_size
+    if size < spec.min_input_size:
+        raise UserError(f"--image-size {size} is too small for {arch} (minimum {spec.min_input_size}); "
+                        f"use a larger size or a *_lowres arch")
+    kwargs = dict(arch_kwargs or {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(arch, **kwargs)
+    inputs = [{"path": f"arch:{arch}:seed={seed}", "fingerprint": f"init:{arch}:{seed}:{sorted(kwargs.items())}"}]
+    if weights is not None:
+        load_weights(model, weights)
+        inputs = [weights_input(weights)]
+    return Network(model, spec, kwargs, size, inputs=inputs)

@@ -1,0 +1,190 @@
+"""A registry of architectures that fails loudly, built on torchvision's module layouts.
+
+Every arch keeps torchvision's attribute names (`features`, `avgpool`, `classifier`, `fc`, ...)
+so state dicts of the stock archs load into `torchvision.models.<arch>()` unchanged. Named
+layers map to module paths, read with torchvision's feature extractor (which prunes the graph
+after the requested layer, so asking for conv2 never runs fc7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.vgg import make_layers
+
+from ssl_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    build: Callable[..., nn.Module]
+    layers: dict[str, str]  # layer name -> module path, in forward order
+    input_size: int  # default input size
+    min_input_size: int
+    feature_layer: str  # default layer for `ssl extract`
+    trunk_layer: str  # last layer of the trunk a pretext head sits on
+    conv_layers: tuple[str, ...] = field(default=())
+    description: str = ""
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"arch {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def arch_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_arch(name: str) -> ArchSpec:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown arch {name!r}; valid archs: {', '.join(arch_names())}")
+    return _REGISTRY[name]
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build an arch with random initialisation. Nothing is ever downloaded."""
+    for key in ("weights", "pretrained"):
+        if kwargs.get(key):
+            raise UserError(
+                f"{name}: hub weights are never downloaded; pass --weights FILE with a local state dict"
+            )
+        kwargs.pop(key, None)
+    spec = get_arch(name)
+    try:
+        return spec.build(**kwargs)
+    except TypeError as error:
+        raise UserError(f"{name}: bad arch options {kwargs}: {error}") from None
+
+
+def check_layer(spec: ArchSpec, layer: str) -> str:
+    if layer not in spec.layers:
+        raise UserError(f"arch {spec.name} has no layer {layer!r}; valid layers: {', '.join(spec.layers)}")
+    return spec.layers[layer]
+
+
+# --- AlexNet -------------------------------------------------------------------------------------
+
+_ALEXNET_LAYERS = {
+    "conv1": "features.1", "conv2": "features.4", "conv3": "features.7", "conv4": "features.9",
+    "conv5": "features.11", "pool5": "features.12", "fc6": "classifier.2", "fc7": "classifier.5",
+    "logits": "classifier.6",
+}
+
+
+def _alexnet(num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
+    return tvm.alexnet(weights=None, num_classes=num_classes, dropout=dropout)
+
+
+def _alexnet_lowres(num_classes: int = 1000, dropout: float = 0.5, width: float = 1.0, fc_width: int = 1024) -> nn.Module:
+    """AlexNet for 32-64 px: 5x5 stride-1 conv1, the same 13-module `features` layout."""
+    c1, c2, c3, c4, c5 = (max(8, int(round(c * width))) for c in (64, 192, 384, 256, 256))
+    model = tvm.alexnet(weights=None, num_classes=num_classes, dropout=dropout)
+    model.features = nn.Sequential(
+        nn.Conv2d(3, c1, 5, stride=1, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(c3, c4, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+    )
+    model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+    model.classifier = nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(c5 * 4, fc_width), nn.ReLU(inplace=True),
+        nn.Dropout(dropout), nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True),
+        nn.Linear(fc_width, num_classes),
+    )
+    return model
+
+
+# --- VGG -----------------------------------------------------------------------------------------
+
+_VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def _vgg_layers(batch_norm: bool) -> dict[str, str]:
+    """conv1..conv5 = the last ReLU of each block, pool5 = the last max-pool."""
+    layers, index, block = {}, 0, 1
+    for item in _VGG16_CFG:
+        if item == "M":
+            layers[f"conv{block}"] = f"features.{index - 1}"
+            block += 1
+            index += 1
+        else:
+            index += 3 if batch_norm else 2
+    layers["pool5"] = f"features.{index - 1}"
+    layers.update({"fc6": "classifier.1", "fc7": "classifier.4", "logits": "classifier.6"})
+    return layers
+
+
+def _vgg16(num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
+    return tvm.vgg16(weights=None, num_classes=num_classes, dropout=dropout)
+
+
+def _vgg16_bn(num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
+    return tvm.vgg16_bn(weights=None, num_classes=num_classes, dropout=dropout)
+
+
+def _vgg_lowres(batch_norm: bool):
+    def build(num_classes: int = 1000, dropout: float = 0.5, width: float = 1.0, fc_width: int = 1024) -> nn.Module:
+        """VGG16 for 32-64 px: the same conv stack (optionally thinner), 1x1 pooled, small fc."""
+        cfg = [item if item == "M" else max(8, int(round(item * width))) for item in _VGG16_CFG]
+        model = tvm.VGG(make_layers(cfg, batch_norm=batch_norm), num_classes=num_classes, dropout=dropout)
+        model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        model.classifier = nn.Sequential(
+            nn.Linear(cfg[-2], fc_width), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(fc_width, fc_width), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(fc_width, num_classes),
+        )
+        return model
+
+    return build
+
+
+# --- ResNet --------------------------------------------------------------------------------------
+
+_RESNET_LAYERS = {
+    "conv1": "relu", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4",
+    "pool": "flatten", "logits": "fc",
+}
+
+
+def _resnet(builder: Callable[..., nn.Module], lowres: bool):
+    def build(num_classes: int = 1000, width: float = 1.0) -> nn.Module:
+        if width != 1.0:
+            raise TypeError("resnets take no width option")
+        model = builder(weights=None, num_classes=num_classes)
+        if lowres:
+            # CIFAR-style stem: 3x3 stride-1 conv1 and no max-pool keep 32 px maps large enough.
+            model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            model.maxpool = nn.Identity()
+        return model
+
+    return build
+
+
+_CONV = ("conv1", "conv2", "conv3", "conv4", "conv5")
+register(ArchSpec("alexnet", _alexnet, _ALEXNET_LAYERS, 224, 63, "fc7", "pool5", _CONV, "torchvision AlexNet"))
+register(ArchSpec("alexnet_lowres", _alexnet_lowres, _ALEXNET_LAYERS, 32, 16, "fc7", "pool5", _CONV,
+                  "AlexNet for 32-64 px (5x5/1 conv1; width, fc_width options)"))
+register(ArchSpec("vgg16", _vgg16, _vgg_layers(False), 224, 32, "fc7", "pool5", _CONV, "torchvision VGG16"))
+register(ArchSpec("vgg16_bn", _vgg16_bn, _vgg_layers(True), 224, 32, "fc7", "pool5", _CONV, "torchvision VGG16-BN"))
+register(ArchSpec("vgg16_lowres", _vgg_lowres(False), _vgg_layers(False), 32, 32, "fc7", "pool5", _CONV,
+                  "VGG16 for 32-64 px (1x1 pooled; width, fc_width options)"))
+register(ArchSpec("vgg16_bn_lowres", _vgg_lowres(True), _vgg_layers(True), 32, 32, "fc7", "pool5", _CONV,
+                  "VGG16-BN for 32-64 px (1x1 pooled; width, fc_width options)"))
+_RES_CONV = ("conv1", "layer1", "layer2", "layer3", "layer4")
+register(ArchSpec("resnet18", _resnet(tvm.resnet18, False), _RESNET_LAYERS, 224, 32, "pool", "pool", _RES_CONV, "torchvision ResNet-18"))
+register(ArchSpec("resnet50", _resnet(tvm.resnet50, False), _RESNET_LAYERS, 224, 32, "pool", "pool", _RES_CONV, "torchvision ResNet-50"))
+register(ArchSpec("resnet18_lowres", _resnet(tvm.resnet18, True), _RESNET_LAYERS, 32, 8, "pool", "pool", _RES_CONV,
+                  "ResNet-18 with a CIFAR stem for 32-64 px"))
+register(ArchSpec("resnet50_lowres", _resnet(tvm.resnet50, True), _RESNET_LAYERS, 32, 8, "pool", "pool", _RES_CONV,
+                  "ResNet-50 with a CIFAR stem for 32-64 px"))

@@ -1,0 +1,69 @@
+"""`ssl cluster`: PCA-whitening + L2 (DeepCluster), then k-means; sizes, empties and quality stored."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
+from ssl_cli.artifacts.outputs import plan_output
+from ssl_cli.artifacts.schema import make_provenance
+from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans, use_faiss_gpu
+from ssl_cli.clustering.metrics import cluster_quality
+from ssl_cli.clustering.stream import fit_pca_streamed, pca_arrays, reduce_streamed
+from ssl_cli.config import ClusterConfig
+from ssl_cli.device import resolve_device
+from ssl_cli.errors import UserError
+from ssl_cli.report import Reporter, SilentReporter
+from ssl_cli.stages import StageResult
+
+FEATURE_DATASETS = ("features", "sample_ids")
+
+
+def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
+    reporter = reporter or SilentReporter()
+    with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
+        provenance = make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), cfg.result_config(),
+                                     [{"path": str(cfg.features), "fingerprint": features.fingerprint}])
+        plan = plan_output(cfg.out, provenance.fingerprint, cfg.force)
+        if plan.up_to_date:
+            reporter.info(f"{cfg.out} is up to date; skipped")
+            return StageResult("cluster", cfg.out, plan.state.value, summary_of(cfg.out))
+        n = features.rows("features")
+        if cfg.k > n:
+            raise UserError(f"--k {cfg.k} is larger than the {n} feature rows in {cfg.features}; use --k {n} or less")
+        began = time.perf_counter()
+        with reporter.progress("preprocess (PCA-whiten, L2)", total=None):
+            pca = fit_pca_streamed(features, cfg.pca_dim, cfg.pca_sample, cfg.seed, cfg.chunk_rows) if cfg.pca_dim else None
+            x = reduce_streamed(features, pca, cfg.chunk_rows, check=pca is None)
+        device = resolve_device(cfg.device) if cfg.backend == "torch" else None
+        on_gpu = use_faiss_gpu(cfg.gpu) if cfg.backend == "faiss" else device.type == "cuda"
+        with reporter.progress(f"k-means k={cfg.k} ({cfg.backend}{', GPU' if on_gpu else ''})", total=None):
+            result = train_kmeans(x, cfg.k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, cfg.backend, cfg.gpu, device)
+            distances, ids = nearest_centroids(x, result.centroids, 1, cfg.backend, device)
+        seconds = time.perf_counter() - began
+        assignments = ids[:, 0]
+        sizes = np.bincount(assignments, minlength=cfg.k)
+        targets = features.array("targets") if "targets" in features else np.full(n, -1, np.int64)
+        quality = cluster_quality(targets, assignments)
+        sample_ids = features.strings("sample_ids")
+    summary = {
+        "k": cfg.k, "rows": n, "dim": int(x.shape[1]), "empty_clusters": int((sizes == 0).sum()),
+        "objective": result.objective[-1] if result.objective else None,
+        "largest_cluster": int(sizes.max()), "seconds": round(seconds, 3), "metrics": quality,
+    }
+    write_arrays(cfg.out, provenance, {
+        "centroids": result.centroids, "objective": np.asarray(result.objective, np.float64),
+        "cluster_sizes": sizes.astype(np.int64), "assignments": assignments.astype(np.int64),
+        "distances": distances[:, 0], "sample_ids": sample_ids, "targets": targets, **pca_arrays(pca),
+    }, attrs={"k": cfg.k, "n_empty": summary["empty_clusters"], "n_empty_splits": result.n_empty_splits,
+              "backend": cfg.backend, "gpu": bool(on_gpu), "metrics": quality or {}, "seconds": seconds})
+    return StageResult("cluster", cfg.out, "written", summary)
+
+
+def summary_of(path) -> dict:
+    with H5Artifact(path, "clusters", required=("centroids",)) as clusters:
+        attrs = clusters.attrs
+        return {"k": attrs["k"], "rows": clusters.rows("assignments"), "empty_clusters": attrs["n_empty"],
+                "metrics": attrs.get("metrics") or None}

@@ -1,0 +1,94 @@
+"""`ssl pseudolabel`: nearest centroid after the clusters' own preprocessing, streamed in chunks.
+
+The features may come from another dataset than the one clustered (Noroozi et al. label one set
+with clusters found on another); only the feature dimension has to match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ssl_cli.artifacts.h5 import H5Artifact, RowWriter
+from ssl_cli.artifacts.outputs import OutputState, plan_output
+from ssl_cli.artifacts.schema import make_provenance
+from ssl_cli.clustering.kmeans import nearest_centroids
+from ssl_cli.clustering.metrics import cluster_quality
+from ssl_cli.clustering.preprocess import preprocess
+from ssl_cli.clustering.stream import check_finite, pca_from_artifact
+from ssl_cli.config import PseudolabelConfig
+from ssl_cli.errors import UserError
+from ssl_cli.report import Reporter, SilentReporter
+from ssl_cli.stages import StageResult
+from ssl_cli.stages.cluster import FEATURE_DATASETS
+
+COLUMNS = {"sample_ids": ((), str), "labels": ((), np.int64), "distance": ((), np.float32),
+           "confidence": ((), np.float32), "targets": ((), np.int64)}
+
+
+def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult:
+    reporter = reporter or SilentReporter()
+    with H5Artifact(cfg.clusters, "clusters", required=("centroids",)) as clusters, \
+            H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
+        centroids = clusters.array("centroids").astype(np.float32)
+        pca = pca_from_artifact(clusters)
+        check_dimensions(features, clusters, centroids, pca)
+        provenance = make_provenance(
+            "labels", "pseudolabel", cfg.model_dump(mode="json"), cfg.result_config(),
+            [{"path": str(cfg.clusters), "fingerprint": clusters.fingerprint},
+             {"path": str(cfg.features), "fingerprint": features.fingerprint}])
+        plan = plan_output(cfg.out, provenance.fingerprint, cfg.force)
+        if plan.up_to_date:
+            reporter.info(f"{cfg.out} is up to date; skipped")
+            return StageResult("pseudolabel", cfg.out, plan.state.value, summary_of(cfg.out))
+        writer = RowWriter.resume(cfg.out, provenance.fingerprint) if plan.state is OutputState.RESUME else None
+        resumed = writer is not None
+        if writer is None:
+            writer = RowWriter.create(cfg.out, provenance, COLUMNS, chunk_rows=cfg.chunk_rows)
+            writer.set_attrs(k=len(centroids), classes=features.attrs.get("classes", "[]"))
+        try:
+            label_rows(features, centroids, pca, writer, cfg.chunk_rows, reporter)
+        except BaseException:
+            writer.close()
+            raise
+        labels, targets = writer.handle["labels"][...], writer.handle["targets"][...]
+        quality = cluster_quality(targets, labels)
+        writer.set_attrs(metrics=quality or {})
+        rows = writer.rows_done
+        writer.commit()
+    summary = {"rows": rows, "k": len(centroids), "used_clusters": int(len(np.unique(labels))),
+               "metrics": quality, "resumed": resumed}
+    return StageResult("pseudolabel", cfg.out, "resumed" if resumed else "written", summary)
+
+
+def check_dimensions(features: H5Artifact, clusters: H5Artifact, centroids: np.ndarray, pca) -> None:
+    width = features["features"].shape[1]
+    expected = pca.dim_in if pca is not None else centroids.shape[1]
+    if width != expected:
+        raise UserError(f"{features.path} has {width}-d features but {clusters.path} was fitted on {expected}-d "
+                        "features; extract the same layer (and pooling) that was clustered")
+
+
+def label_rows(features: H5Artifact, centroids: np.ndarray, pca, writer: RowWriter, chunk_rows: int,
+               reporter: Reporter) -> None:
+    """Label rows from `writer.rows_done` on; each chunk is appended whole, so a kill resumes cleanly."""
+    n = features.rows("features")
+    targets = features["targets"] if "targets" in features else None
+    ids = features["sample_ids"].asstr()
+    with reporter.progress("pseudolabel", total=n, completed=writer.rows_done) as advance:
+        for offset, block in features.iter_rows("features", chunk_rows, start=writer.rows_done):
+            block = block.astype(np.float32, copy=False)
+            check_finite(block, offset, features)
+            distances, nearest = nearest_centroids(preprocess(block, pca), centroids, min(2, len(centroids)), "faiss")
+            second = distances[:, 1] if distances.shape[1] > 1 else distances[:, 0]
+            end = offset + len(block)
+            writer.append(
+                sample_ids=np.asarray(ids[offset:end], dtype=object), labels=nearest[:, 0],
+                distance=distances[:, 0], confidence=(second - distances[:, 0]).astype(np.float32),
+                targets=targets[offset:end] if targets is not None else np.full(len(block), -1, np.int64),
+            )
+            advance(len(block))
+
+
+def summary_of(path) -> dict:
+    with H5Artifact(path, "labels", required=("labels", "sample_ids")) as labels:
+        return {"rows": labels.rows("labels"), "k": labels.attrs.get("k"), "metrics": labels.attrs.get("metrics") or None}
