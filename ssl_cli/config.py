@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ssl_cli.errors import UserError
 
@@ -81,9 +81,15 @@ class ToyDataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     out: Path
     n: int = Field(400, ge=2)
-    classes: int = Field(4, ge=2)
+    classes: int = Field(4, ge=2, le=84)
     size: int = Field(32, ge=16, le=512)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _enough_images(self) -> "ToyDataConfig":
+        if self.n < self.classes:
+            raise ValueError(f"n ({self.n}) must be at least classes ({self.classes})")
+        return self
 
 
 class PackConfig(StageConfig):

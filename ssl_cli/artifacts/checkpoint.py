@@ -54,3 +54,22 @@ def checkpoint_fingerprint(path: Path) -> str | None:
         return None
     meta = data.get("meta") if isinstance(data, dict) else None
     return meta.get("fingerprint") if isinstance(meta, dict) else None
+
+
+def describe_checkpoint(path: Path) -> dict[str, Any]:
+    """Meta attributes and every tensor's shape and dtype, for `ssl inspect`."""
+    data = load_checkpoint(path)
+    attrs = dict(data["meta"])
+    tensors: list[dict[str, Any]] = []
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors.append({"name": prefix, "shape": tuple(value.shape), "dtype": str(value.dtype).replace("torch.", "")})
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{prefix}/{key}" if prefix else str(key), item)
+
+    for key, value in data.items():
+        if key != "meta":
+            visit(key, value)
+    return {"kind": "checkpoint", "attrs": attrs, "datasets": tensors}

@@ -106,9 +106,7 @@ def _training_rows(
     """
     chosen = torch.randperm(sum(sizes), generator=generator)[:n_train]
     offsets = np.cumsum([0, *sizes])
-    train_sizes = [
-        int(((chosen >= offsets[r]) & (chosen < offsets[r + 1])).sum()) for r in range(len(sizes))
-    ]
+    train_sizes = [int(((chosen >= offsets[r]) & (chosen < offsets[r + 1])).sum()) for r in range(len(sizes))]
     mine = chosen[_global_rows_to_local(chosen, sizes, rank)] - int(offsets[rank])
     local_rows = torch.sort(mine).values.to(x.device)
     return x[local_rows], train_sizes
@@ -131,9 +129,7 @@ def _initial_centroids(
     return centroids
 
 
-def _split_empty_clusters(
-    centroids: torch.Tensor, counts: torch.Tensor, generator: torch.Generator
-) -> int:
+def _split_empty_clusters(centroids: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) -> int:
     """Re-seed every empty cluster by splitting a populated one, in place; faiss's strategy.
 
     centroids: (k, d) float32 (any device); counts: (k,) float64 on CPU, updated in place.

@@ -8,7 +8,7 @@ import numpy as np
 
 from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
 from ssl_cli.artifacts.outputs import plan_output
-from ssl_cli.artifacts.schema import make_provenance
+from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans, use_faiss_gpu
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.stream import fit_pca_streamed, pca_arrays, reduce_streamed
@@ -21,11 +21,20 @@ from ssl_cli.stages import StageResult
 FEATURE_DATASETS = ("features", "sample_ids")
 
 
+def provenance_for(cfg: ClusterConfig, features: H5Artifact) -> Provenance:
+    return make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), cfg.result_config(),
+                           [{"path": str(cfg.features), "fingerprint": features.fingerprint}])
+
+
+def provenance(cfg: ClusterConfig) -> Provenance:
+    with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
+        return provenance_for(cfg, features)
+
+
 def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
-        provenance = make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), cfg.result_config(),
-                                     [{"path": str(cfg.features), "fingerprint": features.fingerprint}])
+        provenance = provenance_for(cfg, features)
         plan = plan_output(cfg.out, provenance.fingerprint, cfg.force)
         if plan.up_to_date:
             reporter.info(f"{cfg.out} is up to date; skipped")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ssl_cli.artifacts.h5 import H5Artifact, RowWriter
 from ssl_cli.artifacts.outputs import OutputState, plan_output
-from ssl_cli.artifacts.schema import make_provenance
+from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.config import ExtractConfig
 from ssl_cli.data.dataset import SourceDataset
 from ssl_cli.data.sources import ImageSource, open_source, source_input
@@ -19,6 +20,7 @@ from ssl_cli.data.transforms import eval_transform
 from ssl_cli.device import autocast, prepare_module, resolve_device, to_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import LayerReader
+from ssl_cli.models.registry import check_layer
 from ssl_cli.models.network import Network, network_from_arch, network_from_checkpoint
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
@@ -38,22 +40,42 @@ def load_network(cfg: ExtractConfig) -> Network:
     return network_from_arch(cfg.arch, cfg.weights, cfg.image_size, cfg.seed)
 
 
-def run(cfg: ExtractConfig, reporter: Reporter | None = None) -> StageResult:
-    reporter = reporter or SilentReporter()
+@dataclass
+class Prepared:
+    source: ImageSource
+    network: Network
+    layer: str
+    provenance: Provenance
+
+
+def prepare(cfg: ExtractConfig) -> Prepared:
+    """Open the inputs and compute the output's provenance; writes nothing."""
     source = open_source(cfg.data)
     network = load_network(cfg)
     layer = cfg.layer or network.spec.feature_layer
-    reader = LayerReader(network.model, network.spec, layer, cfg.pool, cfg.pool_size).eval()
+    check_layer(network.spec, layer)
     provenance = make_provenance(
         "features", "extract", cfg.model_dump(mode="json") | {"layer": layer},
         cfg.result_config() | {"layer": layer, "network": network.describe()},
         [source_input(source), *network.inputs],
     )
+    return Prepared(source, network, layer, provenance)
+
+
+def provenance(cfg: ExtractConfig) -> Provenance:
+    return prepare(cfg).provenance
+
+
+def run(cfg: ExtractConfig, reporter: Reporter | None = None) -> StageResult:
+    reporter = reporter or SilentReporter()
+    prepared = prepare(cfg)
+    source, network, layer, provenance = prepared.source, prepared.network, prepared.layer, prepared.provenance
     plan = plan_output(cfg.out, provenance.fingerprint, cfg.force)
     if plan.up_to_date:
         reporter.info(f"{cfg.out} is up to date; skipped")
         return StageResult("extract", cfg.out, plan.state.value, summary_of(cfg.out))
 
+    reader = LayerReader(network.model, network.spec, layer, cfg.pool, cfg.pool_size).eval()
     device = resolve_device(cfg.device)
     reader = prepare_module(reader, device)
     dim = feature_dim(reader, network.input_size, device)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ssl_cli.artifacts.h5 import H5Artifact, RowWriter
 from ssl_cli.artifacts.outputs import OutputState, plan_output
-from ssl_cli.artifacts.schema import make_provenance
+from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.preprocess import preprocess
@@ -32,10 +32,7 @@ def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult
         centroids = clusters.array("centroids").astype(np.float32)
         pca = pca_from_artifact(clusters)
         check_dimensions(features, clusters, centroids, pca)
-        provenance = make_provenance(
-            "labels", "pseudolabel", cfg.model_dump(mode="json"), cfg.result_config(),
-            [{"path": str(cfg.clusters), "fingerprint": clusters.fingerprint},
-             {"path": str(cfg.features), "fingerprint": features.fingerprint}])
+        provenance = provenance_for(cfg, clusters, features)
         plan = plan_output(cfg.out, provenance.fingerprint, cfg.force)
         if plan.up_to_date:
             reporter.info(f"{cfg.out} is up to date; skipped")
@@ -58,6 +55,19 @@ def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult
     summary = {"rows": rows, "k": len(centroids), "used_clusters": int(len(np.unique(labels))),
                "metrics": quality, "resumed": resumed}
     return StageResult("pseudolabel", cfg.out, "resumed" if resumed else "written", summary)
+
+
+def provenance_for(cfg: PseudolabelConfig, clusters: H5Artifact, features: H5Artifact) -> Provenance:
+    return make_provenance(
+        "labels", "pseudolabel", cfg.model_dump(mode="json"), cfg.result_config(),
+        [{"path": str(cfg.clusters), "fingerprint": clusters.fingerprint},
+         {"path": str(cfg.features), "fingerprint": features.fingerprint}])
+
+
+def provenance(cfg: PseudolabelConfig) -> Provenance:
+    with H5Artifact(cfg.clusters, "clusters", required=("centroids",)) as clusters, \
+            H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
+        return provenance_for(cfg, clusters, features)
 
 
 def check_dimensions(features: H5Artifact, clusters: H5Artifact, centroids: np.ndarray, pca) -> None:

@@ -1,0 +1,218 @@
+"""The `ssl` command: one thin command per stage. Parse flags, resolve the config, call the stage,
+print the result. No logic lives here."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from ssl_cli import __version__, ui
+from ssl_cli.config import ClusterConfig, ExtractConfig, PackConfig, PseudolabelConfig, ToyDataConfig, resolve
+from ssl_cli.errors import UserError
+from ssl_cli.options import (BatchSize, ConfigFile, Data, Device, Force, Out, Progress, Seed, Workers, describe)
+
+# Set by the root callback on every invocation; read by the error guard of each command.
+_DEBUG: contextvars.ContextVar[bool] = contextvars.ContextVar("debug", default=False)
+
+app = typer.Typer(
+    name="ssl",
+    help="Self-supervised representation learning as resumable stages: "
+    "pretext -> extract -> cluster -> pseudolabel -> retrain -> finetune, and self-train.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ssl-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = None,
+) -> None:
+    _DEBUG.set(debug)
+
+
+def command(name: str | None = None, **kwargs) -> Callable:
+    """Register a command whose errors become one line: UserError -> exit 2, anything else -> exit 1."""
+
+    def wrap(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def guarded(*args, **kw):
+            debug = _DEBUG.get()
+            try:
+                return function(*args, **kw)
+            except typer.Exit:
+                raise
+            except UserError as error:
+                if debug:
+                    traceback.print_exc()
+                ui.error(str(error))
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                ui.error("interrupted; run the same command again to resume")
+                raise typer.Exit(130) from None
+            except Exception as error:  # noqa: BLE001 - the one place that turns crashes into a message
+                if debug:
+                    traceback.print_exc()
+                ui.error(f"{type(error).__name__}: {error} (run with `ssl --debug ...` for the traceback)")
+                raise typer.Exit(1) from None
+
+        return app.command(name, **kwargs)(guarded)
+
+    return wrap
+
+
+def _reporter(cfg) -> ui.RichReporter:
+    return ui.RichReporter(enabled=getattr(cfg, "progress", True))
+
+
+@command("toy-data")
+def toy_data(
+    out: Annotated[Path, typer.Argument(help="folder to write <class>/<index>.png into")],
+    n: Annotated[Optional[int], typer.Option("--n", help="number of images [default: 400]", show_default=False)] = None,
+    classes: Annotated[Optional[int], typer.Option("--classes", help="number of classes, 2-84 [default: 4]", show_default=False)] = None,
+    size: Annotated[Optional[int], typer.Option("--size", help="image side in pixels [default: 32]", show_default=False)] = None,
+    seed: Seed = None,
+    force: Force = None,
+    config: ConfigFile = None,
+) -> None:
+    """Write deterministic toy images of C classes (shapes x colours x textures, with noise)."""
+    from ssl_cli.stages import toy_data as stage
+
+    cfg = resolve(ToyDataConfig, config, {"out": out, "n": n, "classes": classes, "size": size, "seed": seed})
+    ui.show_result(stage.run(cfg, force=bool(force), reporter=ui.RichReporter()))
+
+
+@command()
+def pack(
+    data: Data = None,
+    out: Out = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help=describe(PackConfig, "image_size"), show_default=False)] = None,
+    force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """Pack an image source into one HDF5 store (images uint8 N x H x W x 3, sample_ids, targets)."""
+    from ssl_cli.stages import pack as stage
+
+    cfg = resolve(PackConfig, config, {"data": data, "out": out, "image_size": image_size, "force": force, "progress": progress})
+    ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+@command()
+def extract(
+    data: Data = None,
+    out: Out = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help=describe(ExtractConfig, "model"), show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help=describe(ExtractConfig, "arch") + " (`ssl archs` lists them)", show_default=False)] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help=describe(ExtractConfig, "weights"), show_default=False)] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help=describe(ExtractConfig, "layer"), show_default=False)] = None,
+    pool: Annotated[Optional[str], typer.Option("--pool", help=describe(ExtractConfig, "pool") + ": avg, max or none", show_default=False)] = None,
+    pool_size: Annotated[Optional[int], typer.Option("--pool-size", help=describe(ExtractConfig, "pool_size"), show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help=describe(ExtractConfig, "image_size"), show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help=describe(ExtractConfig, "dtype") + ": float32 or float16", show_default=False)] = None,
+    batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
+    force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """Features of one named layer for every image -> features.h5 (resumable, streamed)."""
+    from ssl_cli.stages import extract as stage
+
+    cfg = resolve(ExtractConfig, config, {
+        "data": data, "out": out, "model": model, "arch": arch, "weights": weights, "layer": layer, "pool": pool,
+        "pool_size": pool_size, "image_size": image_size, "dtype": dtype, "batch_size": batch_size, "seed": seed,
+        "device": device, "workers": workers, "force": force, "progress": progress})
+    ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+@command()
+def cluster(
+    features: Annotated[Optional[Path], typer.Option("--features", help="features.h5 from `ssl extract`", show_default=False)] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help=describe(ClusterConfig, "k"), show_default=False)] = None,
+    out: Out = None,
+    pca_dim: Annotated[Optional[int], typer.Option("--pca-dim", help=describe(ClusterConfig, "pca_dim"), show_default=False)] = None,
+    pca_sample: Annotated[Optional[int], typer.Option("--pca-sample", help=describe(ClusterConfig, "pca_sample"), show_default=False)] = None,
+    niter: Annotated[Optional[int], typer.Option("--niter", help=describe(ClusterConfig, "niter"), show_default=False)] = None,
+    max_points_per_centroid: Annotated[Optional[int], typer.Option("--max-points-per-centroid", help=describe(ClusterConfig, "max_points_per_centroid"), show_default=False)] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="faiss, or torch (CPU/CUDA, all-reduce under torchrun) [default: faiss]", show_default=False)] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="faiss on GPUs: auto (all visible), on, off [default: auto]", show_default=False)] = None,
+    chunk_rows: Annotated[Optional[int], typer.Option("--chunk-rows", help=describe(ClusterConfig, "chunk_rows"), show_default=False)] = None,
+    seed: Seed = None, device: Device = None, force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """k-means on PCA-whitened, L2-normalised features -> clusters.h5 (+ NMI/ARI/accuracy with targets)."""
+    from ssl_cli.stages import cluster as stage
+
+    cfg = resolve(ClusterConfig, config, {
+        "features": features, "k": k, "out": out, "pca_dim": pca_dim, "pca_sample": pca_sample, "niter": niter,
+        "max_points_per_centroid": max_points_per_centroid, "backend": backend, "gpu": gpu, "chunk_rows": chunk_rows,
+        "seed": seed, "device": device, "force": force, "progress": progress})
+    ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+@command()
+def pseudolabel(
+    clusters: Annotated[Optional[Path], typer.Option("--clusters", help="clusters.h5 from `ssl cluster`", show_default=False)] = None,
+    features: Annotated[Optional[Path], typer.Option("--features", help="features.h5 to label (may be another dataset)", show_default=False)] = None,
+    out: Out = None,
+    chunk_rows: Annotated[Optional[int], typer.Option("--chunk-rows", help="rows labelled at a time [default: 65536]", show_default=False)] = None,
+    force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """Nearest centroid (after the clusters' PCA + L2) for every row -> labels.h5 with confidence."""
+    from ssl_cli.stages import pseudolabel as stage
+
+    cfg = resolve(PseudolabelConfig, config, {"clusters": clusters, "features": features, "out": out,
+                                              "chunk_rows": chunk_rows, "force": force, "progress": progress})
+    ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+@command()
+def inspect(path: Annotated[Path, typer.Argument(help="any ssl-cli artifact: .h5 or .pt")]) -> None:
+    """Show an artifact's schema, provenance (config, inputs) and datasets."""
+    from ssl_cli.stages import inspect as stage
+
+    ui.show_artifact(str(path), stage.run(path))
+
+
+@command()
+def archs() -> None:
+    """List the architectures and their named layers."""
+    from ssl_cli.models.registry import arch_names, get_arch
+
+    for name in arch_names():
+        spec = get_arch(name)
+        ui.out.print(f"[bold]{name}[/bold] ({spec.description}; input {spec.input_size}px): {', '.join(spec.layers)}")
+
+
+@command("run")
+def run_pipeline(
+    stages_file: Annotated[Path, typer.Argument(help="stages file")] = Path("stages.yaml"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, run nothing")] = False,
+    until: Annotated[Optional[str], typer.Option("--until", help="stop after this stage")] = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="re-run this stage even if up to date (repeatable)")] = None,
+) -> None:
+    """Run the stages of a stages.yaml in dependency order, skipping what is up to date."""
+    from ssl_cli.pipeline import run as pipeline
+
+    rows = pipeline.plan(stages_file, until=until, force=force or [])
+    ui.show_plan(rows)
+    if not dry_run:
+        pipeline.execute(stages_file, until=until, force=force or [], reporter=ui.RichReporter(),
+                         on_result=ui.show_result)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Options every command shares, declared once. Every option defaults to None ("not passed") so
+`config.resolve` can tell a flag from a default; help text comes from the config models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+
+def describe(model: type[BaseModel], name: str) -> str:
+    """Help text of a config field: its description plus its default."""
+    field = model.model_fields[name]
+    default = "" if field.default is PydanticUndefined or field.default is None else f" [default: {field.default}]"
+    return f"{field.description or ''}{default}".strip()
+
+
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of option defaults; flags override it")]
+Force = Annotated[Optional[bool], typer.Option("--force", help="replace an output made with other settings (the old file stays until the new one is complete)", show_default=False)]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N [default: auto]", show_default=False)]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes [default: 2]", show_default=False)]
+Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="show progress bars [default: on]", show_default=False)]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="random seed [default: 0]", show_default=False)]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="images per batch [default: 64]", show_default=False)]
+Out = Annotated[Optional[Path], typer.Option("--out", help="output file", show_default=False)]
+Data = Annotated[Optional[str], typer.Option("--data", help="images: a folder (class subfolders give targets), an images .h5, or fashion-mnist:DIR[:train|test]", show_default=False)]
+
+
+def shared(config: Path | None, force: bool | None, device: str | None, workers: int | None,
+           progress: bool | None) -> dict:
+    return {"force": force, "device": device, "workers": workers, "progress": progress}

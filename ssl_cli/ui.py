@@ -1,0 +1,99 @@
+"""Everything the user sees: progress bars, result tables, errors. The only module importing rich."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+class RichReporter:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def info(self, message: str) -> None:
+        console.print(message)
+
+    def warn(self, message: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {message}")
+
+    @contextmanager
+    def progress(self, description: str, total: int | None, unit: str = "img",
+                 completed: int = 0) -> Iterator[Callable[[int], None]]:
+        if not self.enabled:
+            yield lambda n=1: None
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(description, total=total, completed=completed, rate="")
+            start = completed
+
+            def advance(n: int = 1) -> None:
+                progress.advance(task, n)
+                state = progress.tasks[task]
+                if state.elapsed:
+                    progress.update(task, rate=f"{(state.completed - start) / state.elapsed:,.0f} {unit}/s")
+
+            yield advance
+
+
+def error(message: str) -> None:
+    console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+
+
+def show_result(result: Any) -> None:
+    """A stage result: status line, then its summary as a two-column table."""
+    status = "[green]up to date[/green]" if result.status == "up to date" else result.status
+    table = Table(title=f"ssl {result.stage}: {result.out} ({status})", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in result.summary.items():
+        table.add_row(key, _format(value))
+    out.print(table)
+
+
+def show_plan(rows: list[dict[str, str]]) -> None:
+    table = Table(title="plan", title_justify="left")
+    for column in ("stage", "command", "action", "why"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["stage"], row["command"], row["action"], row["why"])
+    out.print(table)
+
+
+def show_artifact(path: str, info: dict[str, Any]) -> None:
+    attrs = dict(info["attrs"])
+    head = Table(title=f"{path}", show_header=False, title_justify="left")
+    head.add_column("attribute", style="bold")
+    head.add_column("value", overflow="fold")
+    for key in ("schema", "fingerprint", "code_version", "created"):
+        if key in attrs:
+            head.add_row(key, str(attrs.pop(key)))
+    for key in ("config", "inputs"):
+        if key in attrs:
+            head.add_row(key, json.dumps(attrs.pop(key), indent=1, default=str))
+    for key, value in sorted(attrs.items()):
+        head.add_row(key, _format(value))
+    out.print(head)
+    data = Table(title="datasets" if info.get("kind") != "checkpoint" else "tensors", title_justify="left")
+    for column in ("name", "shape", "dtype"):
+        data.add_column(column)
+    for item in info["datasets"]:
+        data.add_row(item["name"], "x".join(str(s) for s in item["shape"]) or "scalar", item["dtype"])
+    out.print(data)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_format(v)}" for k, v in value.items())
+    return str(value)
