@@ -164,7 +164,7 @@ def pseudolabel(
     clusters: Annotated[Optional[Path], typer.Option("--clusters", help="clusters.h5 from `ssl cluster`", show_default=False)] = None,
     features: Annotated[Optional[Path], typer.Option("--features", help="features.h5 to label (may be another dataset)", show_default=False)] = None,
     out: Out = None,
-    chunk_rows: Annotated[Optional[int], typer.Option("--chunk-rows", help="rows labelled at a time [default: 65536]", show_default=False)] = None,
+    chunk_rows: Annotated[Optional[int], typer.Option("--chunk-rows", help="rows labelled at a time [default: 16384]", show_default=False)] = None,
     force: Force = None, progress: Progress = None, config: ConfigFile = None,
 ) -> None:
     """Nearest centroid (after the clusters' PCA + L2) for every row -> labels.h5 with confidence."""
@@ -173,6 +173,86 @@ def pseudolabel(
     cfg = resolve(PseudolabelConfig, config, {"clusters": clusters, "features": features, "out": out,
                                               "chunk_rows": chunk_rows, "force": force, "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+def _task_options(config: Path | None, pairs: list[str] | None, named: dict) -> dict | None:
+    """Task options from --config's task_options, then --task-option KEY=VALUE, then the named flags."""
+    import yaml
+
+    from ssl_cli.config import load_yaml
+
+    options = dict(load_yaml(config).get("task_options", {})) if config else {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--task-option {pair!r} must look like KEY=VALUE, e.g. --task-option gap=4")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    options.update({key: value for key, value in named.items() if value is not None})
+    return options or None
+
+
+@command()
+def pretext(
+    task: Annotated[Optional[str], typer.Option("--task", help="jigsaw, jigsawpp, rotation, context, colorization, inpainting", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="backbone (`ssl archs` lists them)", show_default=False)] = None,
+    data: Data = None,
+    out: Out = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="[default: 30]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="peak learning rate [default: 0.01]", show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd or adamw [default: sgd]", show_default=False)] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum [default: 0.9]", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="[default: 5e-4]", show_default=False)] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="linear warm-up before the cosine decay [default: 0]", show_default=False)] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine or constant [default: cosine]", show_default=False)] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic", help="deterministic algorithms (a resumed run ends with identical weights)", show_default=False)] = None,
+    width: Annotated[Optional[float], typer.Option("--width", help="channel multiplier of *_lowres alexnet/vgg (e.g. 0.25 for CPU demos)", show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="crop a sample is cut from [default: 225 for jigsaw, else the arch's input size]", show_default=False)] = None,
+    permutations: Annotated[Optional[int], typer.Option("--permutations", help="jigsaw: size of the permutation set [1000; jigsawpp 701]", show_default=False)] = None,
+    permutation_file: Annotated[Optional[Path], typer.Option("--permutation-file", help="jigsaw: a set written by `ssl permutations`", show_default=False)] = None,
+    min_hamming: Annotated[Optional[int], typer.Option("--min-hamming", help="jigsaw: required minimum Hamming distance [jigsawpp: 3]", show_default=False)] = None,
+    grayscale_prob: Annotated[Optional[float], typer.Option("--grayscale-prob", help="jigsaw: probability of a grey image [0; jigsawpp 0.7]", show_default=False)] = None,
+    max_replaced: Annotated[Optional[int], typer.Option("--max-replaced", help="jigsaw: up to this many tiles from another image [0; jigsawpp 2]", show_default=False)] = None,
+    tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="jigsaw: tile side [64 for 75-px cells]", show_default=False)] = None,
+    task_option: Annotated[Optional[list[str]], typer.Option("--task-option", help="any other task option, KEY=VALUE (repeatable)", show_default=False)] = None,
+    batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
+    force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """Train a backbone on a pretext task -> pretext.pt (+ .metrics.jsonl); resumes after a kill."""
+    from ssl_cli.config import PretextConfig
+    from ssl_cli.stages import pretext as stage
+
+    options = _task_options(config, task_option, {
+        "permutations": permutations, "permutation_file": str(permutation_file) if permutation_file else None,
+        "min_hamming": min_hamming, "grayscale_prob": grayscale_prob, "max_replaced": max_replaced,
+        "tile_size": tile_size})
+    cfg = resolve(PretextConfig, config, {
+        "task": task, "arch": arch, "data": data, "out": out, "epochs": epochs, "lr": lr, "optimizer": optimizer,
+        "momentum": momentum, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "schedule": schedule,
+        "deterministic": deterministic, "width": width, "image_size": image_size, "task_options": options,
+        "batch_size": batch_size, "seed": seed, "device": device, "workers": workers, "force": force,
+        "progress": progress})
+    ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+@command()
+def permutations(
+    n: Annotated[int, typer.Option("--n", help="number of permutations")] = 1000,
+    min_hamming: Annotated[Optional[int], typer.Option("--min-hamming", help="fail unless every pair differs in at least this many positions", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the greedy selection")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="JSON file for --permutation-file")] = Path("permutations.json"),
+    force: Force = None,
+) -> None:
+    """Choose a jigsaw permutation set greedily for maximal minimum Hamming distance."""
+    from ssl_cli.pretext.permutations import min_pairwise_hamming, save_permutations, select_permutations
+
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to replace it or choose another --out")
+    if n < 2:
+        raise UserError("--n must be at least 2")
+    chosen = select_permutations(n, min_hamming=min_hamming, seed=seed)
+    reached = min_pairwise_hamming(chosen)
+    save_permutations(out, chosen, reached, seed)
+    ui.out.print(f"wrote {n} permutations with minimum Hamming distance {reached} to {out}")
 
 
 @command()

@@ -66,14 +66,14 @@ class ClusterConfig(StageConfig):
     max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many rows")
     backend: Literal["faiss", "torch"] = Field("faiss")
     gpu: Literal["auto", "on", "off"] = Field("auto", description="faiss on every visible GPU")
-    chunk_rows: int = Field(65_536, ge=1, description="rows read from disk at a time")
+    chunk_rows: int = Field(16_384, ge=1, description="rows read from disk at a time (16384 x 4096-d float32 = 256 MiB)")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows"}
 
 
 class PseudolabelConfig(StageConfig):
     clusters: Path
     features: Path
-    chunk_rows: int = Field(65_536, ge=1)
+    chunk_rows: int = Field(16_384, ge=1, description="rows labelled at a time")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"chunk_rows"}
 
 
@@ -133,3 +133,27 @@ def resolve(model: type[BaseModel], config_file: Path | None, flags: dict[str, A
         return model.model_validate(values)
     except ValidationError as error:
         raise UserError(format_validation_error(error, str(config_file) if config_file else "")) from None
+
+
+class TrainConfig(StageConfig):
+    """Options of the shared training loop, common to every training stage."""
+
+    epochs: int = Field(30, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    lr: float = Field(0.01, gt=0, le=10, description="peak learning rate (after warm-up)")
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = 0
+    deterministic: bool = Field(False, description="deterministic algorithms: identical weights after a resume")
+
+
+class PretextConfig(TrainConfig):
+    task: str = Field(description="pretext task: jigsaw, jigsawpp, rotation, context, colorization, inpainting")
+    arch: str = Field(description="backbone architecture")
+    data: str
+    width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg")
+    image_size: int | None = Field(None, ge=16, le=1024, description="side of the square crop a sample is cut from")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="task-specific options")

@@ -26,6 +26,8 @@ class Network:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     inputs: list[dict[str, str]] = field(default_factory=list)  # provenance of the weights
+    per_image_normalise: bool = False  # the trunk learned on tiles normalised one by one (jigsaw)
+    feature_layer: str | None = None  # the layer the training made meaningful (default for extract)
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records so the network can be rebuilt with no other flag."""
@@ -35,6 +37,7 @@ class Network:
             "input_size": self.input_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            "per_image_normalise": self.per_image_normalise,
         }
 
 
@@ -51,6 +54,8 @@ def network_from_checkpoint(path: Path) -> Network:
         model, spec, dict(meta.get("arch_kwargs", {})), int(meta["input_size"]),
         tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD)),
         inputs=[{"path": str(path), "fingerprint": meta["fingerprint"]}],
+        per_image_normalise=bool(meta.get("per_image_normalise", False)),
+        feature_layer=meta.get("feature_layer"),
     )
 
 

@@ -52,7 +52,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     """Open the inputs and compute the output's provenance; writes nothing."""
     source = open_source(cfg.data)
     network = load_network(cfg)
-    layer = cfg.layer or network.spec.feature_layer
+    layer = cfg.layer or network.feature_layer or network.spec.feature_layer
     check_layer(network.spec, layer)
     provenance = make_provenance(
         "features", "extract", cfg.model_dump(mode="json") | {"layer": layer},
@@ -110,7 +110,7 @@ def stream_features(cfg: ExtractConfig, source: ImageSource, network: Network, r
     """Read batches from `source_done` on, append whole blocks, record progress after each block."""
     start = int(writer.get_attr("source_done", 0))
     skipped = list(writer.handle["skipped_ids"].asstr()[...]) if "skipped_ids" in writer.handle else []
-    dataset = SourceDataset(source, eval_transform(network.input_size, network.mean, network.std),
+    dataset = SourceDataset(source, eval_transform(network.input_size, network.mean, network.std, network.per_image_normalise),
                             indices=range(start, len(source)),
                             placeholder_shape=(3, network.input_size, network.input_size))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,

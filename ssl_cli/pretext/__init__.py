@@ -1,0 +1,1 @@
+"""Handcrafted pretext tasks, one module each, registered by name in `registry`."""

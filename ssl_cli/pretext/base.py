@@ -1,0 +1,111 @@
+"""What every pretext task provides, and the network that wraps a backbone with a task head.
+
+A task splits into the parts that run in different places:
+- `build_sample(image, rng, other)` runs in DataLoader workers: PIL image in, (inputs, target) tensors out;
+  all randomness comes from `rng`, seeded per (seed, epoch, index) by the loop, so samples are
+  reproducible in any worker and after a resume;
+- `build_head(trunk_shape)` makes the task's trainable head;
+- `forward(trunk, head, inputs)` runs on the device with batched tensors;
+- `loss(output, target)` and `accuracy(output, target)` score a batch.
+
+The backbone is a registry arch (torchvision layout), so after pretext training its state dict
+loads into the same arch for `ssl extract`; only `trunk` (the backbone up to its conv map) is
+trained by a pretext task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a checkpoint records about the task, beside the arch."""
+
+    name: str
+    options: dict[str, Any]  # plain types only (lists, ints, floats, str): stored in the checkpoint
+
+
+class PretextTask:
+    """Base class. Subclasses set `name`, `min_image_size` and implement the methods below."""
+
+    name: str = ""
+    min_image_size: int = 0  # a smaller --image-size cannot hold what the task cuts out
+    needs_other_image: bool = False  # jigsaw++ replaces tiles with tiles of a second image
+
+    def __init__(self, image_size: int, **options: Any):
+        self.image_size = image_size
+
+    def info(self) -> TaskInfo:
+        raise NotImplementedError
+
+    def tile_size(self) -> int:
+        """Side of the square the trunk sees (the whole image, a tile or a patch)."""
+        return self.image_size
+
+    def build_sample(self, image: Image.Image, rng: np.random.Generator,
+                     other: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training sample. `other` is a second random image when `needs_other_image`."""
+        raise NotImplementedError
+
+    def build_head(self, trunk_shape: tuple[int, int, int]) -> nn.Module:
+        """trunk_shape = (C, h, w) of the trunk's map for a `tile_size()` input."""
+        raise NotImplementedError
+
+    def forward(self, trunk: Callable[[torch.Tensor], torch.Tensor], head: nn.Module,
+                inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> float | None:
+        """Fraction correct in [0, 1], or None for regression tasks."""
+        return None
+
+
+def trunk_forward(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, C, h, w): the backbone's last conv map (pool5 for AlexNet/VGG, layer4 for ResNets)."""
+    if hasattr(backbone, "features"):
+        return backbone.features(images)
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+    return backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
+
+
+class PretextNetwork(nn.Module):
+    """backbone (a registry arch) + task head; `forward(inputs)` returns the task's output."""
+
+    def __init__(self, backbone: nn.Module, task: PretextTask):
+        super().__init__()
+        self.backbone = backbone
+        self.task = task
+        with torch.no_grad():
+            was_training = backbone.training
+            backbone.eval()
+            shape = trunk_forward(backbone, torch.zeros(2, 3, task.tile_size(), task.tile_size())).shape[1:]
+            backbone.train(was_training)
+        self.trunk_shape = tuple(int(s) for s in shape)
+        self.head = task.build_head(self.trunk_shape)
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        return trunk_forward(self.backbone, images)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.task.forward(self.trunk, self.head, inputs)
+
+
+def per_image_normalise(tiles: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(..., C, H, W) -> same, each image/tile to zero mean and unit std over its own pixels.
+
+    Noroozi & Favaro normalise every tile on its own so low-level statistics (brightness,
+    contrast shared by neighbouring tiles) cannot solve the puzzle.
+    """
+    mean = tiles.mean(dim=(-3, -2, -1), keepdim=True)
+    std = tiles.std(dim=(-3, -2, -1), keepdim=True)
+    return (tiles - mean) / (std + eps)

@@ -1,0 +1,255 @@
+"""The training loop shared by every training stage.
+
+Deterministic seeding; bf16 autocast and channels_last on CUDA; `<out>.partial` written after every
+epoch and when SIGINT/SIGTERM arrives (then the process stops); a re-run resumes from the partial at
+the exact step, with model, optimizer, RNG and metric history restored, and ends with the same
+weights as an uninterrupted run (in deterministic mode). `<stem>.metrics.jsonl` sits beside the
+checkpoint. Under torchrun it wraps the model in DDP; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ssl_cli.artifacts.checkpoint import load_checkpoint, save_checkpoint
+from ssl_cli.artifacts.h5 import partial_path
+from ssl_cli.artifacts.outputs import OutputState, plan_output
+from ssl_cli.artifacts.schema import Provenance
+from ssl_cli.device import autocast, resolve_device
+from ssl_cli.errors import UserError
+from ssl_cli.report import Reporter, SilentReporter
+from ssl_cli.train import distributed
+from ssl_cli.train.sampler import EpochSampler
+from ssl_cli.train.schedule import learning_rate
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    schedule: str = "cosine"  # cosine | constant
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    workers: int = 2
+    progress: bool = True
+
+
+class TrainDataset(Protocol):
+    """Items are (inputs, target, index, ok); `set_epoch` reseeds per-sample randomness."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def sample_id(self, index: int) -> str: ...
+
+
+# (model, inputs, targets) -> (loss, accuracy in [0, 1] or None)
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, float | None]"]
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    status: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def metrics_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".metrics.jsonl")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set an event instead of killing; the loop checkpoints and stops at the next step."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+    if options.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    raise UserError(f"unknown optimizer {options.optimizer!r}; use sgd or adamw")
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainOptions, out: Path,
+          provenance: Provenance, final_payload: Callable[[nn.Module], dict[str, Any]], force: bool = False,
+          reporter: Reporter | None = None, sample_weights: torch.Tensor | None = None) -> TrainResult:
+    """Train `model` on `dataset`; write `out` (via `final_payload(model)`) when all epochs are done."""
+    reporter = reporter or SilentReporter()
+    plan = plan_output(out, provenance.fingerprint, force)
+    if plan.up_to_date:
+        reporter.info(f"{out} is up to date; skipped")
+        return TrainResult(out, plan.state.value)
+    device = resolve_device(options.device)
+    group = distributed.setup(device.type)
+    if device.type == "cuda" and group.active:
+        device = torch.device("cuda", group.local_rank)
+    seed_everything(options.seed, options.deterministic)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, options)
+    per_rank = -(-len(dataset) // group.world)
+    steps_per_epoch = per_rank // options.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {options.batch_size} is larger than the {per_rank} images per process; "
+                        "lower --batch-size")
+    state = {"epoch": 0, "step": 0, "history": [], "skipped": [], "sums": None}
+    if plan.state is OutputState.RESUME:
+        state = resume_from(partial_path(out), model, optimizer, device)
+        reporter.info(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']}")
+    trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if group.active else model
+
+    total_steps = options.epochs * steps_per_epoch
+    warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
+    history: list[dict[str, Any]] = state["history"]
+    skipped: set[str] = set(state["skipped"])
+    if group.is_main:
+        write_metrics(out, history)
+
+    def save(epoch: int, step_in_epoch: int, sums: torch.Tensor | None = None) -> None:
+        """`sums` carries the running loss/accuracy of a half-done epoch, so its metrics stay whole."""
+        if group.is_main:
+            save_checkpoint(partial_path(out), provenance, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "step": step_in_epoch, "rng": rng_state(device), "history": history, "skipped": sorted(skipped),
+                "sums": sums.cpu() if sums is not None else None})
+        distributed.barrier(group)
+
+    with stop_on_signal() as stop:
+        for epoch in range(state["epoch"], options.epochs):
+            start_step = state["step"] if epoch == state["epoch"] else 0
+            dataset.set_epoch(epoch)
+            sampler = EpochSampler(len(dataset), options.seed, epoch, group.rank, group.world,
+                                   start=start_step * options.batch_size, weights=sample_weights)
+            loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=options.workers, pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(options.seed))
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, n with accuracy
+            if start_step and state["sums"] is not None:
+                sums += state["sums"].to(device)
+            began = time.perf_counter()
+            trained.train()
+            with reporter.progress(f"epoch {epoch + 1}/{options.epochs}", total=steps_per_epoch * options.batch_size,
+                                   completed=start_step * options.batch_size) as advance:
+                for batch_index, (inputs, targets, indices, ok) in enumerate(loader, start=start_step):
+                    lr = learning_rate(epoch * steps_per_epoch + batch_index, total_steps, warmup_steps, options.lr,
+                                       options.schedule)
+                    for param_group in optimizer.param_groups:
+                        param_group["lr"] = lr
+                    inputs = inputs.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    with autocast(device):
+                        loss, accuracy = step(trained, inputs, targets)
+                    if not torch.isfinite(loss):
+                        raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {batch_index}; "
+                                        "lower --lr or add --warmup-epochs")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    n = len(inputs)
+                    sums += torch.tensor([loss.item() * n, (accuracy or 0.0) * n, n, n if accuracy is not None else 0],
+                                         dtype=torch.float64, device=device)
+                    skipped.update(dataset.sample_id(int(i)) for i, good in zip(indices, ok) if not good)
+                    advance(n)
+                    if distributed.any_rank(stop.is_set(), group, device):
+                        save(epoch, batch_index + 1, sums)
+                        raise KeyboardInterrupt
+            distributed.all_reduce_sum(sums, group)
+            seconds = time.perf_counter() - began
+            loss_sum, correct, count, count_acc = sums.tolist()
+            history.append({"epoch": epoch + 1, "loss": loss_sum / max(count, 1),
+                            "accuracy": correct / count_acc if count_acc else None, "lr": lr,
+                            "images_per_second": count / max(seconds, 1e-9), "seconds": seconds})
+            reporter.info(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}"
+                          + (f", accuracy {history[-1]['accuracy']:.3f}" if count_acc else "")
+                          + f", {history[-1]['images_per_second']:.0f} img/s")
+            save(epoch + 1, 0)
+            if group.is_main:
+                write_metrics(out, history)
+    if group.is_main:
+        payload = final_payload(model)
+        payload.setdefault("meta", {})["history"] = history
+        payload["meta"]["skipped_ids"] = sorted(skipped)
+        save_checkpoint(out, provenance, payload)
+        partial_path(out).unlink(missing_ok=True)
+    distributed.barrier(group)
+    distributed.teardown(group)
+    if skipped:
+        reporter.warn(f"{len(skipped)} unreadable image(s) were replaced during training, e.g. {sorted(skipped)[:3]}")
+    return TrainResult(out, "resumed" if plan.state is OutputState.RESUME else "written", history, sorted(skipped))
+
+
+def resume_from(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    data = load_checkpoint(path, map_location=device)
+    model.load_state_dict(data["model"])
+    optimizer.load_state_dict(data["optimizer"])
+    restore_rng(data["rng"], device)
+    return {"epoch": int(data["epoch"]), "step": int(data["step"]), "history": list(data["history"]),
+            "skipped": list(data["skipped"]), "sums": data.get("sums")}
+
+
+def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite the whole file from the history, so a resumed run never duplicates an epoch."""
+    path = metrics_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, path)
