@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -76,7 +77,9 @@ def command(name: str | None = None, **kwargs) -> Callable:
 
 
 def _reporter(cfg) -> ui.RichReporter:
-    return ui.RichReporter(enabled=getattr(cfg, "progress", True))
+    # Under torchrun only rank 0 draws progress bars; the others would print the same lines again.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    return ui.RichReporter(enabled=getattr(cfg, "progress", True) and main_rank)
 
 
 @command("toy-data")

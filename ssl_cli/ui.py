@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -50,7 +51,9 @@ def error(message: str) -> None:
 
 
 def show_result(result: Any) -> None:
-    """A stage result: status line, then its summary as a two-column table."""
+    """A stage result: status line, then its summary as a two-column table (rank 0 only under torchrun)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     status = "[green]up to date[/green]" if result.status == "up to date" else result.status
     table = Table(title=f"ssl {result.stage}: {result.out} ({status})", show_header=False, title_justify="left")
     table.add_column("key", style="bold")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
 from ssl_cli.artifacts.outputs import plan_output
@@ -17,6 +18,7 @@ from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
+from ssl_cli.train import distributed
 
 FEATURE_DATASETS = ("features", "sample_ids")
 
@@ -47,9 +49,20 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
             pca = fit_pca_streamed(features, cfg.pca_dim, cfg.pca_sample, cfg.seed, cfg.chunk_rows) if cfg.pca_dim else None
             x = reduce_streamed(features, pca, cfg.chunk_rows, check=pca is None)
         device = resolve_device(cfg.device) if cfg.backend == "torch" else None
+        group = distributed.setup(device.type) if cfg.backend == "torch" else distributed.ProcessGroup()
+        if group.active and device.type == "cuda":
+            device = torch.device("cuda", group.local_rank)
         on_gpu = use_faiss_gpu(cfg.gpu) if cfg.backend == "faiss" else device.type == "cuda"
-        with reporter.progress(f"k-means k={cfg.k} ({cfg.backend}{', GPU' if on_gpu else ''})", total=None):
-            result = train_kmeans(x, cfg.k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, cfg.backend, cfg.gpu, device)
+        with reporter.progress(f"k-means k={cfg.k} ({cfg.backend}{', GPU' if on_gpu else ''}"
+                               f"{f', {group.world} ranks' if group.active else ''})", total=None):
+            # Under torchrun each rank iterates over its own contiguous shard; sums are all-reduced.
+            shard = x[group.rank * n // group.world : (group.rank + 1) * n // group.world]
+            result = train_kmeans(shard, cfg.k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, cfg.backend,
+                                  cfg.gpu, device)
+            if not group.is_main:
+                distributed.barrier(group)
+                distributed.teardown(group)
+                return StageResult("cluster", cfg.out, "written by rank 0", {})
             distances, ids = nearest_centroids(x, result.centroids, 1, cfg.backend, device)
         seconds = time.perf_counter() - began
         assignments = ids[:, 0]
@@ -62,13 +75,16 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
         "objective": result.objective[-1] if result.objective else None,
         "largest_cluster": int(sizes.max()), "seconds": round(seconds, 3), "metrics": quality,
     }
-    write_arrays(cfg.out, provenance, {
+    out = write_arrays(cfg.out, provenance, {
         "centroids": result.centroids, "objective": np.asarray(result.objective, np.float64),
         "cluster_sizes": sizes.astype(np.int64), "assignments": assignments.astype(np.int64),
         "distances": distances[:, 0], "sample_ids": sample_ids, "targets": targets, **pca_arrays(pca),
     }, attrs={"k": cfg.k, "n_empty": summary["empty_clusters"], "n_empty_splits": result.n_empty_splits,
-              "backend": cfg.backend, "gpu": bool(on_gpu), "metrics": quality or {}, "seconds": seconds})
-    return StageResult("cluster", cfg.out, "written", summary)
+              "backend": cfg.backend, "gpu": bool(on_gpu), "metrics": quality or {}, "seconds": seconds,
+              "ranks": group.world})
+    distributed.barrier(group)
+    distributed.teardown(group)
+    return StageResult("cluster", out, "written", summary)
 
 
 def summary_of(path) -> dict:

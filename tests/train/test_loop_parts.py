@@ -1,0 +1,120 @@
+"""The training loop's pure parts, and kill/resume of the loop itself on a tiny task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ssl_cli.artifacts.schema import make_provenance
+from ssl_cli.errors import UserError
+from ssl_cli.train.loop import TrainOptions, metrics_path, train
+from ssl_cli.train.sampler import EpochSampler
+from ssl_cli.train.schedule import learning_rate
+
+
+def test_warmup_then_cosine_to_zero():
+    rates = [learning_rate(step, 100, 10, 0.1, "cosine") for step in range(100)]
+    assert rates[0] == pytest.approx(0.01)
+    assert rates[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] < 0.001
+    assert learning_rate(50, 100, 0, 0.1, "constant") == 0.1
+
+
+def test_sampler_shards_cover_everything_once_and_resume_skips_a_prefix():
+    shards = [EpochSampler(10, seed=3, epoch=1, rank=r, world=2).order().tolist() for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+    assert list(EpochSampler(10, 3, 1, 0, 2, start=2)) == shards[0][2:]
+    assert EpochSampler(10, 3, 1).order().tolist() != EpochSampler(10, 3, 2).order().tolist()
+    assert EpochSampler(10, 3, 1).order().tolist() == EpochSampler(10, 3, 1).order().tolist()
+
+
+def test_uniform_weights_balance_classes():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    weights = 1.0 / torch.bincount(labels)[labels].double()
+    drawn = labels[EpochSampler(100, 0, 0, weights=weights).order()]
+    assert abs(drawn.float().mean().item() - 0.5) < 0.15
+
+
+class Blobs:
+    """Two gaussian blobs; (inputs, target, index, ok) like every training dataset."""
+
+    def __init__(self, n: int = 64):
+        rng = np.random.default_rng(0)
+        self.y = rng.integers(0, 2, n)
+        self.x = (rng.normal(size=(n, 8)) + 2.0 * self.y[:, None]).astype(np.float32)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, index):
+        return torch.from_numpy(self.x[index]), torch.tensor(int(self.y[index])), index, True
+
+    def set_epoch(self, epoch):
+        pass
+
+    def sample_id(self, index):
+        return str(index)
+
+
+def step(model, inputs, targets):
+    output = model(inputs)
+    return nn.functional.cross_entropy(output, targets), (output.argmax(1) == targets).float().mean().item()
+
+
+def run(out: Path, epochs: int = 4, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    provenance = make_provenance("checkpoint", "test", {}, {"epochs": epochs}, [])
+    options = TrainOptions(epochs=epochs, batch_size=8, lr=0.1, seed=0, deterministic=True, workers=0, **kwargs)
+    return train(model, Blobs(), step, options, out, provenance, lambda m: {"model": m.state_dict()})
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path):
+    result = run(tmp_path / "m.pt")
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.history[-1]["accuracy"] > 0.8
+    lines = metrics_path(tmp_path / "m.pt").read_text().splitlines()
+    assert len(lines) == 4
+    data = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert data["meta"]["schema"] == "ssl-cli/checkpoint@1.0"
+    assert not (tmp_path / "m.pt.partial").exists()
+    assert run(tmp_path / "m.pt").status == "up to date"
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    reference = torch.load(run(tmp_path / "a.pt").out, weights_only=True)["model"]
+    # Interrupt after 5 steps, as SIGINT would: the loop saves `.partial` mid-epoch and stops.
+    import ssl_cli.train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.distributed.any_rank
+
+    def stop_after_five(flag, group, device):
+        calls["n"] += 1
+        return real(flag or calls["n"] == 5, group, device)
+
+    monkeypatch.setattr(loop.distributed, "any_rank", stop_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt")
+    monkeypatch.setattr(loop.distributed, "any_rank", real)
+    assert (tmp_path / "b.pt.partial").exists() and not (tmp_path / "b.pt").exists()
+    partial = torch.load(tmp_path / "b.pt.partial", weights_only=True)
+    assert (partial["epoch"], partial["step"]) == (0, 5)
+    resumed = run(tmp_path / "b.pt")
+    assert resumed.status == "resumed"
+    weights = torch.load(tmp_path / "b.pt", weights_only=True)["model"]
+    assert all(torch.equal(reference[key], weights[key]) for key in reference)
+    first = [row["loss"] for row in torch.load(tmp_path / "a.pt", weights_only=True)["meta"]["history"]]
+    assert [row["loss"] for row in resumed.history] == pytest.approx(first)
+
+
+def test_batch_larger_than_data_is_a_user_error(tmp_path):
+    provenance = make_provenance("checkpoint", "test", {}, {}, [])
+    with pytest.raises(UserError, match="lower --batch-size"):
+        train(nn.Linear(8, 2), Blobs(4), step, TrainOptions(epochs=1, batch_size=8, lr=0.1, workers=0),
+              tmp_path / "x.pt", provenance, lambda m: {"model": m.state_dict()})
