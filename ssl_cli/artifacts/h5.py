@@ -29,8 +29,15 @@ def partial_path(out: Path) -> Path:
 def read_root_attrs(path: Path) -> dict[str, Any]:
     """Root attributes of an HDF5 file, with JSON fields decoded. Raises OSError if unreadable."""
     with h5py.File(path, "r") as handle:
-        attrs = {key: _plain(value) for key, value in handle.attrs.items()}
-    for key in ("config", "inputs", "metrics"):
+        return _decoded({key: _plain(value) for key, value in handle.attrs.items()})
+
+
+# Attributes that `RowWriter.set_attrs` stores as JSON (it encodes every dict and list).
+JSON_ATTRS = ("config", "inputs", "metrics", "classes")
+
+
+def _decoded(attrs: dict[str, Any]) -> dict[str, Any]:
+    for key in JSON_ATTRS:
         if isinstance(attrs.get(key), str):
             try:
                 attrs[key] = json.loads(attrs[key])
@@ -70,20 +77,17 @@ class H5Artifact:
         check_schema(_plain(schema) if schema is not None else None, kind, self.path)
         missing = [name for name in required if name not in self.file]
         if missing:
+            found = ", ".join(sorted(self.file)) or "none"  # read before closing: a closed file has no members
             self.file.close()
             raise UserError(
                 f"{self.path} lacks the dataset(s) {', '.join(missing)} that a {kind} artifact must have "
-                f"(found: {', '.join(sorted(self.file)) or 'none'}); the file is damaged, recompute it"
+                f"(found: {found}); the file is damaged, recompute it"
             )
         self.kind = kind
 
     @property
     def attrs(self) -> dict[str, Any]:
-        attrs = {key: _plain(value) for key, value in self.file.attrs.items()}
-        for key in ("config", "inputs", "metrics"):
-            if isinstance(attrs.get(key), str):
-                attrs[key] = json.loads(attrs[key])
-        return attrs
+        return _decoded({key: _plain(value) for key, value in self.file.attrs.items()})
 
     @property
     def fingerprint(self) -> str:
@@ -198,8 +202,13 @@ class RowWriter:
     def _row_datasets(self) -> list[str]:
         return [name for name, item in self.handle.items() if isinstance(item, h5py.Dataset) and item.maxshape[0] is None]
 
-    def append(self, **columns: np.ndarray) -> None:
-        """Append the same number of rows to every row dataset, then mark them done."""
+    def append(self, attrs: dict[str, Any] | None = None, **columns: np.ndarray) -> None:
+        """Append the same number of rows to every row dataset, then mark them done.
+
+        `attrs` (e.g. a reader's position in its source) are recorded in the same flush as
+        `rows_done`, so a resumed writer never sees rows counted without the position that goes
+        with them (which would make it read those rows again).
+        """
         counts = {len(values) for values in columns.values()}
         if len(counts) != 1:
             raise ValueError(f"append needs equal row counts, got { {k: len(v) for k, v in columns.items()} }")
@@ -214,15 +223,19 @@ class RowWriter:
             dataset[start : start + count] = values
         self.rows_done = start + count
         # rows_done is written last and flushed, so a kill never lets half a block count as done.
+        self._write_attrs(attrs or {})
         self.handle.attrs["rows_done"] = self.rows_done
         self.handle.flush()
 
     def set_attrs(self, **attrs: Any) -> None:
+        self._write_attrs(attrs)
+        self.handle.flush()
+
+    def _write_attrs(self, attrs: dict[str, Any]) -> None:
         for key, value in attrs.items():
             if isinstance(value, (dict, list)):
                 value = json.dumps(value, default=str)
             self.handle.attrs[key] = value
-        self.handle.flush()
 
     def get_attr(self, key: str, default: Any = None) -> Any:
         value = self.handle.attrs.get(key, default)
@@ -249,6 +262,11 @@ class RowWriter:
         """Close without committing: the `.partial` stays for a later resume."""
         if self.handle.id.valid:
             self.handle.close()
+
+    def discard(self) -> None:
+        """Close and delete `<out>.partial`: for failures that a re-run would only repeat."""
+        self.close()
+        partial_path(self.out).unlink(missing_ok=True)
 
 
 def write_arrays(out: Path, provenance: Provenance, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> Path:

@@ -166,7 +166,11 @@ def open_source(spec: str) -> ImageSource:
     """Parse a `--data` value into a source; a bad value gets an error listing the accepted forms."""
     if spec.startswith("fashion-mnist:"):
         rest = spec[len("fashion-mnist:"):]
-        root, _, split = rest.rpartition(":") if rest.endswith((":train", ":test")) else (rest, "", "train")
+        root, colon, split = rest.rpartition(":")
+        # A trailing `:word` is a split (checked by the source, so `:valid` is named as a bad
+        # split rather than read as part of a folder name); an existing folder wins.
+        if not colon or "/" in split or Path(rest).is_dir():
+            root, split = rest, "train"
         return FashionMNISTSource(Path(root or "/usr/share/datasets/fashion-mnist"), split or "train")
     path = Path(spec)
     if not path.exists():

@@ -90,6 +90,10 @@ def make_plan(spec: PipelineSpec, base: Path, until: str | None, force: list[str
     unknown = [name for name in [*force, *([until] if until else [])] if name not in spec.stages and name != "all"]
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(spec.stages)}")
+    for name, stage in spec.stages.items():
+        # Every stage's settings are checked before anything runs, so a typo in the last stage
+        # does not surface only after the first ones have spent their time.
+        build_config(name, stage, base, force=False)
     wanted = upstream_of(spec, until) if until else set(spec.stages)
     steps: list[Step] = []
     changing: set[str] = set()
@@ -125,11 +129,20 @@ def execute(stages_file: Path, until: str | None = None, force: list[str] | None
     base = stages_file.parent
     force = force or []
     results = []
+    recomputed: set[str] = set()
     for step in make_plan(spec, base, until, force):
         stage = step.stage
         forced = step.name in force or "all" in force
-        action, why = ("run", "forced") if forced else output_state(step.name, stage, base)
-        replace = forced or why.startswith("stale")
+        upstream = upstream_of(spec, step.name) & recomputed
+        if forced:
+            action, why = "run", "forced"
+        elif upstream:
+            # As planned: a stage recomputed in this run makes everything downstream run again,
+            # even where its new output carries the same fingerprint as the old one.
+            action, why = "run", f"after {', '.join(sorted(upstream))}"
+        else:
+            action, why = output_state(step.name, stage, base)
+        replace = forced or bool(upstream) or why.startswith("stale")
         reporter.info(f"[{step.name}] ssl {stage.cmd}: {action} ({why})")
         cfg = build_config(step.name, stage, base, force=replace)
         _, module = COMMANDS[stage.cmd]
@@ -138,6 +151,8 @@ def execute(stages_file: Path, until: str | None = None, force: list[str] | None
         else:
             result = module.run(cfg, reporter)
         results.append(result)
+        if result.status != "up to date":
+            recomputed.add(step.name)
         if on_result:
             on_result(result)
     return results

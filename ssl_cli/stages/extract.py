@@ -89,6 +89,9 @@ def run(cfg: ExtractConfig, reporter: Reporter | None = None) -> StageResult:
         writer.set_attrs(source_done=0, n_skipped=0, layer=layer, arch=network.spec.name, dim=dim, classes=source.classes)
     try:
         skipped = stream_features(cfg, source, network, reader, device, writer, reporter)
+    except UserError:
+        writer.discard()  # NaN features come back on every re-run of the same inputs: nothing to resume
+        raise
     except BaseException:
         writer.close()  # flushed blocks stay in <out>.partial; the same command resumes from them
         raise
@@ -110,6 +113,8 @@ def stream_features(cfg: ExtractConfig, source: ImageSource, network: Network, r
     """Read batches from `source_done` on, append whole blocks, record progress after each block."""
     start = int(writer.get_attr("source_done", 0))
     skipped = list(writer.handle["skipped_ids"].asstr()[...]) if "skipped_ids" in writer.handle else []
+    # ids written by a block whose rows never counted as done are named again when it is re-read
+    skipped = skipped[: int(writer.get_attr("n_skipped", 0))]
     dataset = SourceDataset(source, eval_transform(network.input_size, network.mean, network.std, network.per_image_normalise),
                             indices=range(start, len(source)),
                             placeholder_shape=(3, network.input_size, network.input_size))
@@ -131,23 +136,24 @@ def stream_features(cfg: ExtractConfig, source: ImageSource, network: Network, r
             done += len(indices)
             advance(len(indices))
             if batch % FLUSH_BATCHES == 0 or done == len(source):
-                skipped += flush(block, source, writer)
-                writer.set_attrs(source_done=done, n_skipped=len(skipped))
+                skipped += flush(block, source, writer, skipped, done)
                 block = []
     writer.set_attrs(images_per_second=(done - start) / max(time.perf_counter() - began, 1e-9))
     return skipped
 
 
-def flush(block: list[tuple[np.ndarray, np.ndarray, np.ndarray]], source: ImageSource, writer: RowWriter) -> list[str]:
+def flush(block: list[tuple[np.ndarray, np.ndarray, np.ndarray]], source: ImageSource, writer: RowWriter,
+          skipped: list[str], source_done: int) -> list[str]:
+    """Append a block's readable rows and, in the same flush, how far the source has been read."""
     features = np.concatenate([item[0] for item in block])
     indices = np.concatenate([item[1] for item in block])
     ok = np.concatenate([item[2] for item in block]).astype(bool)
     ids = np.array([source.sample_ids[i] for i in indices], dtype=object)
-    writer.append(features=features[ok], sample_ids=ids[ok], targets=source.targets[indices[ok]])
     bad = list(ids[~ok])
     if bad:
-        old = list(writer.handle["skipped_ids"].asstr()[...]) if "skipped_ids" in writer.handle else []
-        writer.write_array("skipped_ids", np.array(old + bad, dtype=object))
+        writer.write_array("skipped_ids", np.array(skipped + bad, dtype=object))
+    writer.append(features=features[ok], sample_ids=ids[ok], targets=source.targets[indices[ok]],
+                  attrs={"source_done": source_done, "n_skipped": len(skipped) + len(bad)})
     return bad
 
 

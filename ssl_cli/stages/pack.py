@@ -59,10 +59,13 @@ def run(cfg: PackConfig, reporter: Reporter | None = None) -> StageResult:
                                         f"{size}x{size}; pass --image-size to resize all images to one square size")
                     pixels.append(np.asarray(image, dtype=np.uint8))
                     kept.append(index)
+                # the source position goes into the same flush as the rows (see RowWriter.append)
+                position = {"source_done": indices.stop, "n_skipped": earlier + len(skipped)}
                 if kept:
                     writer.append(images=np.stack(pixels), sample_ids=np.array([source.sample_ids[i] for i in kept], dtype=object),
-                                  targets=source.targets[kept])
-                writer.set_attrs(source_done=indices.stop, n_skipped=earlier + len(skipped))
+                                  targets=source.targets[kept], attrs=position)
+                else:
+                    writer.set_attrs(**position)
                 advance(len(indices))
     except BaseException:
         writer.close()

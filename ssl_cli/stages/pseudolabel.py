@@ -44,6 +44,9 @@ def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult
             writer.set_attrs(k=len(centroids), classes=features.attrs.get("classes", "[]"))
         try:
             label_rows(features, centroids, pca, writer, cfg.chunk_rows, reporter)
+        except UserError:
+            writer.discard()  # bad input fails the same way on every re-run: nothing to resume
+            raise
         except BaseException:
             writer.close()
             raise
