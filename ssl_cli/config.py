@@ -27,9 +27,13 @@ class StageConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes")
 
+    # Paths of inputs: their content enters the fingerprint through the inputs' own fingerprints,
+    # so a moved project folder or a relative-vs-absolute spelling does not make outputs stale.
+    INPUT_PATHS: ClassVar[frozenset[str]] = frozenset({"data", "model", "weights", "features", "clusters", "labels"})
+
     def result_config(self) -> dict[str, Any]:
         """The fields that change the result: what the fingerprint covers."""
-        return self.model_dump(mode="json", exclude=set(self.DISPLAY_ONLY))
+        return self.model_dump(mode="json", exclude=set(self.DISPLAY_ONLY | self.INPUT_PATHS))
 
     @field_validator("device")
     @classmethod
@@ -97,12 +101,12 @@ class PackConfig(StageConfig):
     image_size: int | None = Field(None, ge=8, le=1024, description="resize to this square size (default: keep)")
 
 
-def format_validation_error(error: ValidationError, source: str = "") -> str:
-    """Every bad field on one line: 'k: must be >= 2; niter: not an integer'."""
+def format_validation_error(error: ValidationError, source: str = "", as_flags: bool = True) -> str:
+    """Every bad field on one line: '--k: must be >= 2; --niter: not an integer' (or YAML field names)."""
     parts = []
     for item in error.errors():
         field = ".".join(str(piece) for piece in item["loc"]) or "config"
-        flag = "--" + field.replace("_", "-")
+        flag = "--" + field.replace("_", "-") if as_flags else field
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown field"

@@ -55,7 +55,10 @@ def show_result(result: Any) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     status = "[green]up to date[/green]" if result.status == "up to date" else result.status
-    table = Table(title=f"ssl {result.stage}: {result.out} ({status})", show_header=False, title_justify="left")
+    out.print(f"ssl {result.stage}: {result.out} ({status})", soft_wrap=True, highlight=False)
+    if not result.summary:
+        return
+    table = Table(show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in result.summary.items():

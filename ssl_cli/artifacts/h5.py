@@ -275,6 +275,7 @@ def write_arrays(out: Path, provenance: Provenance, arrays: dict[str, np.ndarray
     for name, values in arrays.items():
         writer.write_array(name, values)
     writer.set_attrs(**attrs)
-    rows = max((len(v) for v in arrays.values()), default=0)
+    # rows_done counts samples where the artifact has them, not the longest auxiliary array
+    rows = len(arrays["sample_ids"]) if "sample_ids" in arrays else max((len(v) for v in arrays.values()), default=0)
     writer.rows_done = rows
     return writer.commit()

@@ -60,7 +60,7 @@ def build_config(name: str, stage: StageSpec, base: Path, force: bool) -> Any:
     try:
         return model.model_validate(params)
     except ValidationError as error:
-        raise UserError(f"stage {name}: " + format_validation_error(error).replace("--", "")) from None
+        raise UserError(f"stage {name}: " + format_validation_error(error, as_flags=False)) from None
 
 
 def output_state(name: str, stage: StageSpec, base: Path) -> tuple[str, str]:

@@ -45,7 +45,7 @@ def load_pipeline(path: Path) -> PipelineSpec:
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as error:
-        raise UserError(format_validation_error(error, str(path)).replace("--", "")) from None
+        raise UserError(format_validation_error(error, str(path), as_flags=False)) from None
     for name, stage in spec.stages.items():
         if "out" not in stage.params:
             raise UserError(f"{path}: stage {name} has no params.out; every stage writes one output")
