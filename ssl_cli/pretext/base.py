@@ -92,6 +92,11 @@ class PretextNetwork(nn.Module):
             backbone.train(was_training)
         self.trunk_shape = tuple(int(s) for s in shape)
         self.head = task.build_head(self.trunk_shape)
+        # The backbone's own classifier is not part of the trunk: a pretext task never trains it, and
+        # DDP refuses parameters that receive no gradient.
+        for name in ("classifier", "fc"):
+            if hasattr(backbone, name):
+                getattr(backbone, name).requires_grad_(False)
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         return trunk_forward(self.backbone, images)
