@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ssl_cli.errors import UserError
+
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -88,7 +90,15 @@ class PretextNetwork(nn.Module):
         with torch.no_grad():
             was_training = backbone.training
             backbone.eval()
-            shape = trunk_forward(backbone, torch.zeros(2, 3, task.tile_size(), task.tile_size())).shape[1:]
+            try:
+                shape = trunk_forward(backbone, torch.zeros(2, 3, task.tile_size(), task.tile_size())).shape[1:]
+            except RuntimeError as error:
+                if "too small" not in str(error):
+                    raise
+                raise UserError(
+                    f"{task.name}: the network sees {task.tile_size()} px inputs at --image-size {task.image_size}, "
+                    f"too small for {type(backbone).__name__}'s poolings; raise --image-size (the trunk needs "
+                    f"inputs of at least {minimum_trunk_input(backbone)} px) or use a shallower arch") from None
             backbone.train(was_training)
         self.trunk_shape = tuple(int(s) for s in shape)
         self.head = task.build_head(self.trunk_shape)
@@ -103,6 +113,18 @@ class PretextNetwork(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.task.forward(self.trunk, self.head, inputs)
+
+
+def minimum_trunk_input(backbone: nn.Module, limit: int = 512) -> int:
+    """The smallest square input the backbone's trunk maps to a non-empty conv map."""
+    with torch.no_grad():
+        for size in range(8, limit):
+            try:
+                trunk_forward(backbone.eval(), torch.zeros(1, 3, size, size))
+                return size
+            except RuntimeError:
+                continue
+    return limit
 
 
 def per_image_normalise(tiles: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
