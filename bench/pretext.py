@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--arch-jigsaw", default="vgg16_lowres")
     parser.add_argument("--arch-rotation", default="resnet18_lowres")
-    parser.add_argument("--image-size", type=int, default=64, help="jigsaw crop size (225 = paper)")
+    parser.add_argument("--image-size", type=int, default=114, help="jigsaw crop size: 114 gives the 32-px tiles VGG needs (225 = paper)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.batches = 6 if args.quick else 20

@@ -97,7 +97,7 @@ class PretextNetwork(nn.Module):
                     raise
                 raise UserError(
                     f"{task.name}: the network sees {task.tile_size()} px inputs at --image-size {task.image_size}, "
-                    f"too small for {type(backbone).__name__}'s poolings; raise --image-size (the trunk needs "
+                    f"too small for {type(backbone).__name__}'s poolings; raise --image-size or --tile-size (the trunk needs "
                     f"inputs of at least {minimum_trunk_input(backbone)} px) or use a shallower arch") from None
             backbone.train(was_training)
         self.trunk_shape = tuple(int(s) for s in shape)
