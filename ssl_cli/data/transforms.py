@@ -18,8 +18,24 @@ class PerImageNormalise:
         return (image - image.mean()) / (image.std() + 1e-5)
 
 
+class LightnessInput:
+    """PIL RGB image -> (3, H, W) lightness input, as a colorization trunk was trained on."""
+
+    def __call__(self, image) -> torch.Tensor:
+        import numpy as np
+
+        from ssl_cli.pretext.colorization import lightness_input, rgb_to_lab
+
+        return lightness_input(rgb_to_lab(np.asarray(image)))
+
+
 def eval_transform(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                   per_image: bool = False) -> T.Compose:
-    """PIL image -> (3, size, size) float tensor: resize the short side, centre crop, normalise."""
+                   per_image: bool = False, input_mode: str = "rgb") -> T.Compose:
+    """PIL image -> (3, size, size) float tensor: resize the short side, centre crop, normalise.
+
+    input_mode "lightness" gives the L channel instead (a colorization checkpoint's input).
+    """
+    if input_mode == "lightness":
+        return T.Compose([T.Resize(size), T.CenterCrop(size), LightnessInput()])
     steps = [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(list(mean), list(std))]
     return T.Compose(steps + ([PerImageNormalise()] if per_image else []))

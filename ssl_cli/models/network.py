@@ -28,6 +28,7 @@ class Network:
     inputs: list[dict[str, str]] = field(default_factory=list)  # provenance of the weights
     per_image_normalise: bool = False  # the trunk learned on tiles normalised one by one (jigsaw)
     feature_layer: str | None = None  # the layer the training made meaningful (default for extract)
+    input_mode: str = "rgb"  # "lightness": the trunk learned on the L channel (colorization)
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records so the network can be rebuilt with no other flag."""
@@ -38,6 +39,7 @@ class Network:
             "mean": list(self.mean),
             "std": list(self.std),
             "per_image_normalise": self.per_image_normalise,
+            "input_mode": self.input_mode,
         }
 
 
@@ -56,6 +58,7 @@ def network_from_checkpoint(path: Path) -> Network:
         inputs=[{"path": str(path), "fingerprint": meta["fingerprint"]}],
         per_image_normalise=bool(meta.get("per_image_normalise", False)),
         feature_layer=meta.get("feature_layer"),
+        input_mode=meta.get("input_mode", "rgb"),
     )
 
 

@@ -115,7 +115,8 @@ def stream_features(cfg: ExtractConfig, source: ImageSource, network: Network, r
     skipped = list(writer.handle["skipped_ids"].asstr()[...]) if "skipped_ids" in writer.handle else []
     # ids written by a block whose rows never counted as done are named again when it is re-read
     skipped = skipped[: int(writer.get_attr("n_skipped", 0))]
-    dataset = SourceDataset(source, eval_transform(network.input_size, network.mean, network.std, network.per_image_normalise),
+    dataset = SourceDataset(source, eval_transform(network.input_size, network.mean, network.std,
+                                                           network.per_image_normalise, network.input_mode),
                             indices=range(start, len(source)),
                             placeholder_shape=(3, network.input_size, network.input_size))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,

@@ -31,7 +31,11 @@ PER_IMAGE_NORMALISED = frozenset({"jigsaw", "jigsawpp", "context"})
 
 def make_task(cfg: PretextConfig) -> PretextTask:
     cls = task_class(cfg.task)
-    size = cfg.image_size or (225 if cfg.task in ("jigsaw", "jigsawpp") else get_arch(cfg.arch).input_size)
+    spec = get_arch(cfg.arch)
+    # Defaults: the papers' 225-px crops for jigsaw; for context a crop whose ~S/4 patches the trunk
+    # accepts; otherwise the arch's own input size.
+    defaults = {"jigsaw": 225, "jigsawpp": 225, "context": max(spec.input_size, 4 * spec.min_input_size + 8)}
+    size = cfg.image_size or defaults.get(cfg.task, spec.input_size)
     try:
         return cls(image_size=size, **cfg.task_options)
     except TypeError as error:
@@ -81,6 +85,7 @@ def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
                 "arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg), "input_size": task.image_size,
                 "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                 "per_image_normalise": cfg.task in PER_IMAGE_NORMALISED,
+                "input_mode": "lightness" if cfg.task == "colorization" else "rgb",
                 "feature_layer": get_arch(cfg.arch).trunk_layer,
                 "task": info.name, "task_options": info.options, "trunk_shape": list(model.trunk_shape),
             },

@@ -1,0 +1,156 @@
+"""Colorization (Zhang, Isola & Efros 2016): predict an image's colours from its lightness.
+
+The trunk sees only the CIE Lab lightness L (scaled to [-1, 1], repeated to 3 channels so any
+RGB arch takes it) and predicts, per output pixel, a CLASS over quantised ab colour values
+rather than regressing ab: colour is multimodal (a shirt may be red or blue) and a regression
+loss averages the modes into grey, which classification avoids. This is Zhang et al.'s choice.
+
+Quantisation: a regular grid of `bins` x `bins` cells over a, b in [-110, 110] (default 16, so
+cells of 13.75), class = a_bin * bins + b_bin. Zhang et al. used cells of 10 and kept only the
+313 that are in the sRGB gamut; a full grid needs no gamut table (out-of-gamut classes are
+simply never targets, and the head learns to give them low scores), keeps the class index a
+closed-form function of ab, and at the default 16 bins has a similar 256 classes.
+
+Also unlike Zhang et al.: targets are hard (the class of the area-averaged ab of each
+`output_stride` x `output_stride` block) instead of soft-encoded over 5 nearest bins, and the
+loss is not class-rebalanced; both keep the task a plain per-pixel cross-entropy.
+
+The head is a small decoder: 1x1 conv to `DECODER_WIDTH` channels, learned x2 up-convolutions
+until the map is about the target size, a 3x3 conv to bins^2 logits, then an exact bilinear
+resize to (S / output_stride)^2 so any trunk map size works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ssl_cli.errors import UserError
+from ssl_cli.pretext.base import PretextTask, TaskInfo
+from ssl_cli.pretext.crops import square_crop
+from ssl_cli.pretext.heads import UpsamplingDecoder
+
+AB_RANGE = 110.0  # sRGB colours have a in [-86.2, 98.2] and b in [-107.9, 94.5]
+MAX_BINS = 64  # 4096 classes with cells of 3.4 ab units; finer grids only inflate the logits
+
+# sRGB (D65) linear RGB -> XYZ, and the D65 reference white.
+_RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                        [0.2126729, 0.7151522, 0.0721750],
+                        [0.0193339, 0.1191920, 0.9503041]])
+_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ)
+_WHITE = _RGB_TO_XYZ.sum(axis=1)  # XYZ of RGB (1, 1, 1): (0.9505, 1.0, 1.0889)
+_DELTA = 6.0 / 29.0
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (H, W, 3), uint8 in [0, 255] or float in [0, 1] -> CIE Lab (H, W, 3) float64.
+
+    L is in [0, 100]; a and b lie within about [-110, 110] for sRGB colours.
+    """
+    rgb = np.asarray(rgb)
+    values = rgb / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
+    linear = np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ _RGB_TO_XYZ.T / _WHITE
+    f = np.where(xyz > _DELTA ** 3, np.cbrt(xyz), xyz / (3 * _DELTA ** 2) + 4.0 / 29.0)
+    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
+                     200.0 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIE Lab (H, W, 3) -> sRGB (H, W, 3) float64 in [0, 1] (colours outside the gamut are clipped)."""
+    lab = np.asarray(lab, dtype=np.float64)
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
+    xyz = np.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4.0 / 29.0)) * _WHITE
+    linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0.0, 1.0)
+    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+
+
+def quantise_ab(ab: np.ndarray, bins: int = 16) -> np.ndarray:
+    """(..., 2) ab values -> (...) int64 classes a_bin * bins + b_bin on a bins x bins grid over [-110, 110]."""
+    width = 2 * AB_RANGE / bins
+    index = np.clip(np.floor((np.asarray(ab) + AB_RANGE) / width), 0, bins - 1).astype(np.int64)
+    return index[..., 0] * bins + index[..., 1]
+
+
+def class_centres(bins: int = 16) -> np.ndarray:
+    """(bins^2, 2) float64: the (a, b) at the centre of each class's cell, indexed like `quantise_ab`."""
+    width = 2 * AB_RANGE / bins
+    centres = -AB_RANGE + (np.arange(bins) + 0.5) * width
+    a, b = np.meshgrid(centres, centres, indexing="ij")
+    return np.stack([a.ravel(), b.ravel()], axis=-1)
+
+
+def lightness_input(lab: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) Lab -> (3, H, W) float32: L / 50 - 1 in [-1, 1], repeated to the trunk's 3 channels.
+
+    `ssl extract` feeds a colorization trunk the same input (see `data.transforms.LightnessInput`).
+    """
+    lightness = torch.from_numpy((lab[..., 0] / 50.0 - 1.0).astype(np.float32))
+    return lightness.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+class ColorizationTask(PretextTask):
+    """inputs (3, S, S) = L in [-1, 1] three times; target (S/f, S/f) int64 ab classes, f = output_stride."""
+
+    name = "colorization"
+    min_image_size = 8
+
+    def __init__(self, image_size: int, bins: int = 16, output_stride: int = 4, random_crop: bool = True):
+        super().__init__(image_size)
+        for option, value, minimum, maximum in (("image_size", image_size, self.min_image_size, None),
+                                                ("bins", bins, 2, MAX_BINS), ("output_stride", output_stride, 1, None)):
+            if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
+                    or (maximum is not None and value > maximum)):
+                limits = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+                raise UserError(f"colorization: {option} must be an integer {limits}, got {value!r}")
+        if image_size % output_stride:
+            raise UserError(f"colorization: image_size {image_size} must be a multiple of output_stride "
+                            f"{output_stride} (the target is one class per output_stride^2 block)")
+        if not isinstance(random_crop, bool):
+            raise UserError(f"colorization: random_crop must be true or false, got {random_crop!r}")
+        self.bins, self.output_stride, self.random_crop = bins, output_stride, random_crop
+
+    @property
+    def classes(self) -> int:
+        return self.bins * self.bins
+
+    def target_size(self) -> int:
+        return self.image_size // self.output_stride
+
+    def info(self) -> TaskInfo:
+        return TaskInfo(self.name, {"bins": self.bins, "output_stride": self.output_stride,
+                                    "random_crop": self.random_crop})
+
+    def build_sample(self, image: Image.Image, rng: np.random.Generator,
+                     other: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        lab = rgb_to_lab(np.asarray(square_crop(image, self.image_size, rng, self.random_crop)))
+        inputs = lightness_input(lab)
+        blocks = self.target_size(), self.output_stride, self.target_size(), self.output_stride, 2
+        ab = lab[..., 1:].reshape(blocks).mean(axis=(1, 3))  # area-downsample before quantising
+        return inputs, torch.from_numpy(quantise_ab(ab, self.bins))
+
+    def build_head(self, trunk_shape: tuple[int, int, int]) -> nn.Module:
+        channels, height, _ = trunk_shape
+        return UpsamplingDecoder(channels, height, self.classes, self.target_size())
+
+    def forward(self, trunk: Callable[[torch.Tensor], torch.Tensor], head: nn.Module,
+                inputs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, bins^2, S/f, S/f) logits."""
+        return head(trunk(inputs))
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy averaged over all output pixels of the batch."""
+        # Pixels as rows of one (B*h*w, classes) batch: the spatial (2-D) cross-entropy has no
+        # deterministic CUDA kernel and would refuse `--deterministic`.
+        logits = output.permute(0, 2, 3, 1).reshape(-1, output.shape[1])
+        return F.cross_entropy(logits, target.reshape(-1))
+
+    def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> float | None:
+        """Fraction of output pixels whose top-1 class is the target class."""
+        return (output.argmax(dim=1) == target).float().mean().item()
