@@ -167,7 +167,7 @@ def pseudolabel(
     clusters: Annotated[Optional[Path], typer.Option("--clusters", help="clusters.h5 from `ssl cluster`", show_default=False)] = None,
     features: Annotated[Optional[Path], typer.Option("--features", help="features.h5 to label (may be another dataset)", show_default=False)] = None,
     out: Out = None,
-    chunk_rows: Annotated[Optional[int], typer.Option("--chunk-rows", help="rows labelled at a time [default: 16384]", show_default=False)] = None,
+    chunk_rows: Annotated[Optional[int], typer.Option("--chunk-rows", help=describe(PseudolabelConfig, "chunk_rows"), show_default=False)] = None,
     force: Force = None, progress: Progress = None, config: ConfigFile = None,
 ) -> None:
     """Nearest centroid (after the clusters' PCA + L2) for every row -> labels.h5 with confidence."""

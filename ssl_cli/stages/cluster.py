@@ -12,7 +12,7 @@ from ssl_cli.artifacts.outputs import plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans, use_faiss_gpu
 from ssl_cli.clustering.metrics import cluster_quality
-from ssl_cli.clustering.stream import fit_pca_streamed, pca_arrays, reduce_streamed
+from ssl_cli.clustering.stream import chunk_rows_for, fit_pca_streamed, pca_arrays, reduce_streamed
 from ssl_cli.config import ClusterConfig
 from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
@@ -46,8 +46,9 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
             raise UserError(f"--k {cfg.k} is larger than the {n} feature rows in {cfg.features}; use --k {n} or less")
         began = time.perf_counter()
         with reporter.progress("preprocess (PCA-whiten, L2)", total=None):
-            pca = fit_pca_streamed(features, cfg.pca_dim, cfg.pca_sample, cfg.seed, cfg.chunk_rows) if cfg.pca_dim else None
-            x = reduce_streamed(features, pca, cfg.chunk_rows, check=pca is None)
+            chunk = chunk_rows_for(features, cfg.chunk_rows)
+            pca = fit_pca_streamed(features, cfg.pca_dim, cfg.pca_sample, cfg.seed, chunk) if cfg.pca_dim else None
+            x = reduce_streamed(features, pca, chunk, check=pca is None)
         device = resolve_device(cfg.device) if cfg.backend == "torch" else None
         group = distributed.setup(device.type) if cfg.backend == "torch" else distributed.ProcessGroup()
         if group.active and device.type == "cuda":

@@ -14,7 +14,7 @@ from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.preprocess import preprocess
-from ssl_cli.clustering.stream import check_finite, pca_from_artifact
+from ssl_cli.clustering.stream import check_finite, chunk_rows_for, pca_from_artifact
 from ssl_cli.config import PseudolabelConfig
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
@@ -33,6 +33,7 @@ def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult
         pca = pca_from_artifact(clusters)
         check_dimensions(features, clusters, centroids, pca)
         provenance = provenance_for(cfg, clusters, features)
+        chunk = chunk_rows_for(features, cfg.chunk_rows)
         plan = plan_output(cfg.out, provenance.fingerprint, cfg.force)
         if plan.up_to_date:
             reporter.info(f"{cfg.out} is up to date; skipped")
@@ -40,10 +41,10 @@ def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult
         writer = RowWriter.resume(cfg.out, provenance.fingerprint) if plan.state is OutputState.RESUME else None
         resumed = writer is not None
         if writer is None:
-            writer = RowWriter.create(cfg.out, provenance, COLUMNS, chunk_rows=cfg.chunk_rows)
+            writer = RowWriter.create(cfg.out, provenance, COLUMNS, chunk_rows=min(chunk, 65536))
             writer.set_attrs(k=len(centroids), classes=features.attrs.get("classes", "[]"))
         try:
-            label_rows(features, centroids, pca, writer, cfg.chunk_rows, reporter)
+            label_rows(features, centroids, pca, writer, chunk, reporter)
         except UserError:
             writer.discard()  # bad input fails the same way on every re-run: nothing to resume
             raise
