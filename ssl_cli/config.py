@@ -70,14 +70,14 @@ class ClusterConfig(StageConfig):
     max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many rows")
     backend: Literal["faiss", "torch"] = Field("faiss")
     gpu: Literal["auto", "on", "off"] = Field("auto", description="faiss on every visible GPU")
-    chunk_rows: int | None = Field(None, ge=1, description="rows read from disk at a time (default: 256 MiB of features)")
+    chunk_rows: int | None = Field(None, ge=1, description="rows read from disk at a time (default: 64 MiB of features)")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows"}
 
 
 class PseudolabelConfig(StageConfig):
     clusters: Path
     features: Path
-    chunk_rows: int | None = Field(None, ge=1, description="rows labelled at a time (default: 256 MiB of features)")
+    chunk_rows: int | None = Field(None, ge=1, description="rows labelled at a time (default: 64 MiB of features)")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"chunk_rows"}
 
 

@@ -9,9 +9,10 @@ from ssl_cli.clustering.preprocess import PCA, CovarianceAccumulator, preprocess
 from ssl_cli.errors import UserError
 
 
-# Rows are read in blocks of about this many bytes: big enough that faiss and BLAS work on large
-# matrices (16k-row blocks made search ~1.8x slower at 128-d), small enough to bound memory at 4096-d.
-CHUNK_BYTES = 256 * 2**20
+# Rows are read in blocks of about this many bytes of float32 features: large enough for BLAS and
+# faiss to work on big matrices, small enough that a stage's memory stays flat as N grows
+# (a block and its preprocessed copy are alive at once).
+CHUNK_BYTES = 64 * 2**20
 
 
 def chunk_rows_for(features: H5Artifact, requested: int | None) -> int:

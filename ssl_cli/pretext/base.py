@@ -72,6 +72,16 @@ class PretextTask:
         return None
 
 
+class ClassificationTask(PretextTask):
+    """A task whose output is (B, classes) logits: cross-entropy loss, top-1 accuracy."""
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(output, target)
+
+    def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> float | None:
+        return (output.argmax(dim=1) == target).float().mean().item()
+
+
 def trunk_forward(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, C, h, w): the backbone's last conv map (pool5 for AlexNet/VGG, layer4 for ResNets)."""
     if hasattr(backbone, "features"):

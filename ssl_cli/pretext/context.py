@@ -40,12 +40,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import PretextTask, TaskInfo, per_image_normalise
+from ssl_cli.pretext.base import ClassificationTask, TaskInfo, per_image_normalise
 from ssl_cli.pretext.crops import square_crop, to_normalised_tensor
 
 # (row, column) of each label's cell in the 3 x 3 grid; the centre is (1, 1).
@@ -80,7 +79,7 @@ class ContextHead(nn.Module):
         return self.fc8(self.fc7(pairs))
 
 
-class ContextTask(PretextTask):
+class ContextTask(ClassificationTask):
     """inputs (2, 3, p, p) = (centre patch, neighbour patch); target () int64 = neighbour label 0..7."""
 
     name = "context"
@@ -167,8 +166,3 @@ class ContextTask(PretextTask):
         """(B, 2, 3, p, p) -> (B, 8) logits; the trunk runs once on all 2B patches."""
         return head(trunk(inputs.flatten(0, 1)))
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, target)
-
-    def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> float | None:
-        return (output.argmax(dim=1) == target).float().mean().item()

@@ -46,13 +46,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import PretextTask, TaskInfo, per_image_normalise
+from ssl_cli.pretext.base import ClassificationTask, TaskInfo, per_image_normalise
+from ssl_cli.pretext.crops import to_normalised_tensor
 from ssl_cli.pretext.permutations import GRIDS, load_permutations, min_pairwise_hamming, select_permutations
 
 # The paper's geometry: 256 px short side, 225 px crop, 75 px cells, 64 px tiles.
@@ -100,14 +99,6 @@ def random_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Imag
     return image.crop((left, top, left + size, top + size))
 
 
-def _normalised_pixels(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32 with ImageNet mean/std."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (pixels - mean) / std
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -127,7 +118,7 @@ class JigsawHead(nn.Module):
         return self.fc8(self.fc7(per_tile.reshape(-1, self.tiles * self.fc6_width)))
 
 
-class JigsawTask(PretextTask):
+class JigsawTask(ClassificationTask):
     """inputs (T, 3, t, t) = the T = grid^2 tiles in permuted order; target () int64 = permutation index."""
 
     name = "jigsaw"
@@ -255,7 +246,7 @@ class JigsawTask(PretextTask):
         crop = random_crop(image, self.image_size, rng)
         if grey:
             crop = crop.convert("L").convert("RGB")
-        pixels = _normalised_pixels(crop)
+        pixels = to_normalised_tensor(crop)
         t = self.tile_px
         tiles = torch.stack([pixels[:, top:top + t, left:left + t] for top, left in self.tile_positions(rng)])
         return per_image_normalise(tiles)
@@ -301,9 +292,4 @@ class JigsawTask(PretextTask):
         """(B, T, 3, t, t) -> (B, n) logits; the trunk runs once on all B * T tiles (shared weights)."""
         return head(trunk(inputs.flatten(0, 1)))
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, target)
-
-    def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> float | None:
-        return (output.argmax(dim=1) == target).float().mean().item()
 

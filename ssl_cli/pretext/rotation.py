@@ -19,12 +19,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import PretextTask, TaskInfo
+from ssl_cli.pretext.base import ClassificationTask, TaskInfo
 from ssl_cli.pretext.crops import square_crop, to_normalised_tensor
 
 ROTATIONS = 4
@@ -47,7 +46,7 @@ class RotationHead(nn.Module):
         return self.classifier(trunk_map.mean(dim=(2, 3)))
 
 
-class RotationTask(PretextTask):
+class RotationTask(ClassificationTask):
     """inputs (3, S, S) = the image rotated by k x 90 degrees; target () int64 = k in 0..3."""
 
     name = "rotation"
@@ -78,8 +77,3 @@ class RotationTask(PretextTask):
         """(B, 3, S, S) -> (B, 4) logits."""
         return head(trunk(inputs))
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, target)
-
-    def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> float | None:
-        return (output.argmax(dim=1) == target).float().mean().item()

@@ -10,8 +10,6 @@ from PIL import Image
 
 from ssl_cli.data.toy import draw_toy_image
 from ssl_cli.errors import UserError
-from ssl_cli.models.registry import build_model
-from ssl_cli.pretext.base import PretextNetwork
 from ssl_cli.pretext.colorization import (
     AB_RANGE,
     ColorizationTask,
@@ -27,30 +25,6 @@ SIZE = 32
 
 def toy_image(index: int) -> Image.Image:
     return Image.fromarray(draw_toy_image(index, index % 4, 4, SIZE, 0))
-
-
-def adam_steps(task, inputs: torch.Tensor, targets: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
-    """Losses of `steps` Adam steps on one fixed batch, and the last output.
-
-    One thread: the nets are tiny, and on shared cores OpenMP barriers cost more than the work.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        network = PretextNetwork(build_model("alexnet_lowres", num_classes=10, width=0.25), task)
-        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
-        losses = []
-        for _ in range(steps):
-            output = network(inputs)
-            loss = task.loss(output, targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return losses, output.detach()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def random_colours() -> np.ndarray:
@@ -141,7 +115,7 @@ def test_loss_is_the_mean_per_pixel_cross_entropy():
     assert task.accuracy(output, target) == (output.argmax(1) == target).float().mean().item()
 
 
-def test_a_few_adam_steps_lower_the_loss():
+def test_a_few_adam_steps_lower_the_loss(adam_steps):
     task = ColorizationTask(SIZE)
     rng = np.random.default_rng(0)
     samples = [task.build_sample(toy_image(i), rng) for i in range(12)]

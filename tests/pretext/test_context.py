@@ -19,30 +19,6 @@ def toy_image(index: int, size: int) -> Image.Image:
     return Image.fromarray(draw_toy_image(index, index % 4, 4, size, 0))
 
 
-def adam_steps(task, inputs: torch.Tensor, targets: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
-    """Losses of `steps` Adam steps on one fixed batch, and the last output.
-
-    One thread: the nets are tiny, and on shared cores OpenMP barriers cost more than the work.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        network = PretextNetwork(build_model("alexnet_lowres", num_classes=10, width=0.25), task)
-        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
-        losses = []
-        for _ in range(steps):
-            output = network(inputs)
-            loss = task.loss(output, targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return losses, output.detach()
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("size, patch, gap, jitter", [(32, 8, 1, 1), (64, 16, 2, 2), (96, 24, 3, 3), (225, 56, 7, 7)])
 def test_default_geometry_scales_with_the_image(size, patch, gap, jitter):
     task = ContextTask(size)
@@ -142,7 +118,7 @@ def test_the_trunk_runs_once_on_both_patches():
     assert output.shape == (3, 8) and calls == [(6, 3, 16, 16)]
 
 
-def test_a_few_adam_steps_lower_the_loss():
+def test_a_few_adam_steps_lower_the_loss(adam_steps):
     task = ContextTask(64)
     rng = np.random.default_rng(0)
     samples = [task.build_sample(toy_image(i, 64), rng) for i in range(12)]
