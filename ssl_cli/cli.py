@@ -238,6 +238,41 @@ def pretext(
 
 
 @command()
+def retrain(
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="labels.h5 from `ssl pseudolabel` (joined to --data by sample id)", show_default=False)] = None,
+    data: Data = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="target architecture, trained from scratch (`ssl archs`)", show_default=False)] = None,
+    out: Out = None,
+    sampling: Annotated[Optional[str], typer.Option("--sampling", help="natural, or uniform over pseudo-label classes (DeepCluster) [default: natural]", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="[default: 30]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="peak learning rate [default: 0.01]", show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd or adamw [default: sgd]", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="[default: 5e-4]", show_default=False)] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="[default: 0]", show_default=False)] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic", help="deterministic algorithms (a resumed run ends with identical weights)", show_default=False)] = None,
+    width: Annotated[Optional[float], typer.Option("--width", help="channel multiplier of *_lowres alexnet/vgg", show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="training crop size [default: the arch's input size]", show_default=False)] = None,
+    min_scale: Annotated[Optional[float], typer.Option("--min-scale", help="smallest area fraction of the random resized crop [default: 0.2]", show_default=False)] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips [default: on]", show_default=False)] = None,
+    grayscale_prob: Annotated[Optional[float], typer.Option("--grayscale-prob", help="probability of a grey image [default: 0]", show_default=False)] = None,
+    color_jitter: Annotated[Optional[float], typer.Option("--color-jitter", help="colour jitter strength [default: 0]", show_default=False)] = None,
+    batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
+    force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """Train the target arch on pseudo-labels -> student.pt (knowledge transfer; resumes after a kill)."""
+    from ssl_cli.config import RetrainConfig
+    from ssl_cli.stages import retrain as stage
+
+    cfg = resolve(RetrainConfig, config, {
+        "labels": labels, "data": data, "arch": arch, "out": out, "sampling": sampling, "epochs": epochs, "lr": lr,
+        "optimizer": optimizer, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
+        "deterministic": deterministic, "width": width, "image_size": image_size, "min_scale": min_scale,
+        "flip": flip, "grayscale_prob": grayscale_prob, "color_jitter": color_jitter, "batch_size": batch_size,
+        "seed": seed, "device": device, "workers": workers, "force": force, "progress": progress})
+    ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+@command()
 def permutations(
     n: Annotated[int, typer.Option("--n", help="number of permutations")] = 1000,
     min_hamming: Annotated[Optional[int], typer.Option("--min-hamming", help="fail unless every pair differs in at least this many positions", show_default=False)] = None,

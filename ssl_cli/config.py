@@ -161,3 +161,16 @@ class PretextConfig(TrainConfig):
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg")
     image_size: int | None = Field(None, ge=16, le=1024, description="side of the square crop a sample is cut from")
     task_options: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
+
+
+class RetrainConfig(TrainConfig):
+    labels: Path = Field(description="labels.h5 from `ssl pseudolabel` (joined to --data by sample id)")
+    data: str
+    arch: str = Field(description="the target (usually shallower) architecture, trained from scratch")
+    width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg")
+    image_size: int | None = Field(None, ge=16, le=1024, description="training crop size (default: the arch's)")
+    sampling: Literal["natural", "uniform"] = Field("natural", description="uniform: every pseudo-label class equally often (DeepCluster)")
+    min_scale: float = Field(0.2, gt=0, le=1, description="smallest area fraction of the random resized crop")
+    flip: bool = Field(True, description="random horizontal flips")
+    grayscale_prob: float = Field(0.0, ge=0, le=1, description="probability of a grey-scale image")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength")
