@@ -273,6 +273,55 @@ def retrain(
 
 
 @command()
+def finetune(
+    model: Annotated[Optional[Path], typer.Option("--model", help="checkpoint to evaluate", show_default=False)] = None,
+    data: Data = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="labelled evaluation images [default: the source's test split]", show_default=False)] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="full, linear or knn [default: linear]", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (metrics.json, finetuned.pt / linear.pt)", show_default=False)] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="comma-separated layers: linear probes them all at once, knn reads the first [default: conv layers / the feature layer]", show_default=False)] = None,
+    freeze_through: Annotated[Optional[str], typer.Option("--freeze-through", help="full: keep this layer and the earlier ones fixed", show_default=False)] = None,
+    labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", help="deterministic subset of N labelled images per class (by --seed)", show_default=False)] = None,
+    knn_k: Annotated[Optional[int], typer.Option("--knn-k", help="knn: neighbours that vote [default: 20]", show_default=False)] = None,
+    knn_temperature: Annotated[Optional[float], typer.Option("--knn-temperature", help="knn: votes weighted by exp(cos/T) [default: 0.07]", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="[default: 30]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="peak learning rate [default: 0.01]", show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd or adamw [default: sgd]", show_default=False)] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic", help="deterministic algorithms", show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="[default: the checkpoint's input size]", show_default=False)] = None,
+    batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
+    force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """Evaluate a checkpoint on labelled images: full finetuning, linear probes per layer, or kNN."""
+    from ssl_cli.config import FinetuneConfig
+    from ssl_cli.stages import finetune as stage
+
+    cfg = resolve(FinetuneConfig, config, {
+        "model": model, "data": data, "eval_data": eval_data, "mode": mode, "out": out,
+        "layers": layers.split(",") if layers else None, "freeze_through": freeze_through,
+        "labels_per_class": labels_per_class, "knn_k": knn_k, "knn_temperature": knn_temperature, "epochs": epochs,
+        "lr": lr, "optimizer": optimizer, "deterministic": deterministic, "image_size": image_size,
+        "batch_size": batch_size, "seed": seed, "device": device, "workers": workers, "force": force,
+        "progress": progress})
+    ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+@command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="an ssl-cli model checkpoint")],
+    fmt: Annotated[str, typer.Option("--format", help="torchvision (loads strict into torchvision.models.<arch>) or safetensors")] = "torchvision",
+    out: Annotated[Optional[Path], typer.Option("--out", help="output file", show_default=False)] = None,
+    force: Force = None,
+) -> None:
+    """Export a checkpoint's weights for torchvision's stock builders or as safetensors."""
+    from ssl_cli.stages import export as stage
+
+    if out is None:
+        raise UserError("--out is required: the file to write")
+    ui.show_result(stage.run(checkpoint, fmt, out, force=bool(force)))
+
+
+@command()
 def permutations(
     n: Annotated[int, typer.Option("--n", help="number of permutations")] = 1000,
     min_hamming: Annotated[Optional[int], typer.Option("--min-hamming", help="fail unless every pair differs in at least this many positions", show_default=False)] = None,

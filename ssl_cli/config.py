@@ -174,3 +174,20 @@ class RetrainConfig(TrainConfig):
     flip: bool = Field(True, description="random horizontal flips")
     grayscale_prob: float = Field(0.0, ge=0, le=1, description="probability of a grey-scale image")
     color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength")
+
+
+class FinetuneConfig(TrainConfig):
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = TrainConfig.DISPLAY_ONLY | {"eval_batch_size"}
+
+    model: Path = Field(description="checkpoint to evaluate (pretext, retrain or any ssl-cli model)")
+    data: str = Field(description="labelled training images (targets from class subfolders or the dataset)")
+    eval_data: str | None = Field(None, description="labelled evaluation images (default: the source's test split)")
+    mode: Literal["full", "linear", "knn"] = "linear"
+    layers: list[str] | None = Field(None, description="linear: layers probed at once (default: the arch's conv layers); knn: the first is used")
+    freeze_through: str | None = Field(None, description="full: keep this layer and every earlier one fixed")
+    labels_per_class: int | None = Field(None, ge=1, description="train on a deterministic subset of N images per class")
+    linear_dims: int = Field(9216, ge=16, description="linear: conv maps are average-pooled to at most this many values")
+    knn_k: int = Field(20, ge=1, description="knn: neighbours that vote")
+    knn_temperature: float = Field(0.07, gt=0, description="knn: votes weighted by exp(cosine / T)")
+    image_size: int | None = Field(None, ge=16, le=1024, description="default: the checkpoint's input size")
+    eval_batch_size: int = Field(256, ge=1)

@@ -14,13 +14,13 @@ from typing import Any, Callable
 
 from ssl_cli.artifacts.h5 import partial_path
 from ssl_cli.artifacts.outputs import artifact_fingerprint
-from ssl_cli.config import (ClusterConfig, ExtractConfig, PackConfig, PretextConfig, PseudolabelConfig, RetrainConfig, ToyDataConfig,
+from ssl_cli.config import (ClusterConfig, ExtractConfig, PackConfig, FinetuneConfig, PretextConfig, PseudolabelConfig, RetrainConfig, ToyDataConfig,
                             format_validation_error)
 from ssl_cli.errors import UserError
 from ssl_cli.pipeline.spec import INPUT_FIELDS, PipelineSpec, StageSpec, load_pipeline, order_stages, upstream_of
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
-from ssl_cli.stages import cluster, extract, pack, pretext, pseudolabel, retrain, toy_data
+from ssl_cli.stages import cluster, extract, finetune, pack, pretext, pseudolabel, retrain, toy_data
 
 COMMANDS: dict[str, tuple[type, Any]] = {
     "toy-data": (ToyDataConfig, toy_data),
@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[type, Any]] = {
     "cluster": (ClusterConfig, cluster),
     "pseudolabel": (PseudolabelConfig, pseudolabel),
     "retrain": (RetrainConfig, retrain),
+    "finetune": (FinetuneConfig, finetune),
 }
 
 
@@ -77,7 +78,8 @@ def output_state(name: str, stage: StageSpec, base: Path) -> tuple[str, str]:
         return ("skip", "up to date") if recorded["complete"] else ("resume", "interrupted earlier")
     _, module = COMMANDS[stage.cmd]
     fingerprint = module.provenance(cfg).fingerprint
-    found = artifact_fingerprint(cfg.out)
+    # A stage whose output is a folder (finetune) says where its fingerprint is recorded.
+    found = module.recorded_fingerprint(cfg) if hasattr(module, "recorded_fingerprint") else artifact_fingerprint(cfg.out)
     if found == fingerprint:
         return "skip", "up to date"
     if found is not None:
