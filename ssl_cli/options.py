@@ -32,3 +32,14 @@ Data = Annotated[Optional[str], typer.Option("--data", help="images: a folder (c
 def shared(config: Path | None, force: bool | None, device: str | None, workers: int | None,
            progress: bool | None) -> dict:
     return {"force": force, "device": device, "workers": workers, "progress": progress}
+
+# Options of the shared training loop (pretext, retrain, finetune).
+Epochs = Annotated[Optional[int], typer.Option("--epochs", help="[default: 30]", show_default=False)]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate, after warm-up [default: 0.01]", show_default=False)]
+Optimizer = Annotated[Optional[str], typer.Option("--optimizer", help="sgd or adamw [default: sgd]", show_default=False)]
+Momentum = Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum [default: 0.9]", show_default=False)]
+WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="[default: 5e-4]", show_default=False)]
+WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="linear warm-up before the cosine decay [default: 0]", show_default=False)]
+Schedule = Annotated[Optional[str], typer.Option("--schedule", help="cosine or constant [default: cosine]", show_default=False)]
+Deterministic = Annotated[Optional[bool], typer.Option("--deterministic", help="deterministic algorithms: a resumed run ends with identical weights", show_default=False)]
+Width = Annotated[Optional[float], typer.Option("--width", help="channel multiplier of *_lowres alexnet/vgg (e.g. 0.25 for CPU demos)", show_default=False)]
