@@ -19,4 +19,13 @@ for path in ("runs/toy/clusters.h5", "runs/toy/labels.h5"):
         rows = f["assignments" if "assignments" in f else "labels"].shape[0]
         table.add_row(path, str(rows), str(f.attrs["k"]), *(f"{metrics[key]:.3f}" for key in ("nmi", "ari", "acc_hungarian", "acc_majority")))
 Console().print(table)
+
+report = json.load(open("runs/toy/finetune-linear/metrics.json"))
+probes = Table(title=f"toy pipeline: linear probes on the retrained student ({report['train_images']} labelled "
+                     f"images, {report['eval_images']} held out, chance {1 / report['classes']:.3f})")
+for column in ("layer", "top-1", "top-5"):
+    probes.add_column(column)
+for layer, scores in report["layers"].items():
+    probes.add_row(layer, f"{scores['top1']:.3f}", f"{scores['top5']:.3f}")
+Console().print(probes)
 PY
