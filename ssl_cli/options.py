@@ -29,10 +29,6 @@ Out = Annotated[Optional[Path], typer.Option("--out", help="output file", show_d
 Data = Annotated[Optional[str], typer.Option("--data", help="images: a folder (class subfolders give targets), an images .h5, or fashion-mnist:DIR[:train|test]", show_default=False)]
 
 
-def shared(config: Path | None, force: bool | None, device: str | None, workers: int | None,
-           progress: bool | None) -> dict:
-    return {"force": force, "device": device, "workers": workers, "progress": progress}
-
 # Options of the shared training loop (pretext, retrain, finetune).
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="[default: 30]", show_default=False)]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate, after warm-up [default: 0.01]", show_default=False)]
