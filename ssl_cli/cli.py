@@ -16,8 +16,27 @@ import typer
 from ssl_cli import __version__, ui
 from ssl_cli.config import ClusterConfig, ExtractConfig, PackConfig, PseudolabelConfig, ToyDataConfig, resolve
 from ssl_cli.errors import UserError
-from ssl_cli.options import (BatchSize, ConfigFile, Data, Deterministic, Device, Epochs, Force, Lr, Momentum, Optimizer, Out,
-                             Progress, Schedule, Seed, WarmupEpochs, WeightDecay, Width, Workers, describe)
+from ssl_cli.options import (
+    BatchSize,
+    ConfigFile,
+    Data,
+    Deterministic,
+    Device,
+    Epochs,
+    Force,
+    Lr,
+    Momentum,
+    Optimizer,
+    Out,
+    Progress,
+    Schedule,
+    Seed,
+    WarmupEpochs,
+    WeightDecay,
+    Width,
+    Workers,
+    describe,
+)
 
 # Set by the root callback on every invocation; read by the error guard of each command.
 _DEBUG: contextvars.ContextVar[bool] = contextvars.ContextVar("debug", default=False)

@@ -8,7 +8,6 @@ from ssl_cli.artifacts.h5 import H5Artifact
 from ssl_cli.clustering.preprocess import PCA, CovarianceAccumulator, preprocess
 from ssl_cli.errors import UserError
 
-
 # Rows are read in blocks of about this many bytes of float32 features: large enough for BLAS and
 # faiss to work on big matrices, small enough that a stage's memory stays flat as N grows
 # (a block and its preprocessed copy are alive at once).

@@ -8,6 +8,23 @@ import torch
 from torch.utils.data import Dataset
 
 from ssl_cli.data.sources import ImageSource, UnreadableImage
+from ssl_cli.errors import UserError
+
+# How many following images a training dataset tries when one cannot be decoded, before giving up.
+MAX_SUBSTITUTES = 64
+
+
+def load_readable(source: ImageSource, indices: Sequence[int], position: int):
+    """(image, position used): image `indices[position]` of `source`, or, when it is unreadable, the
+    next readable one (cyclically), so a broken file is counted by the caller, never fatal."""
+    for offset in range(MAX_SUBSTITUTES):
+        candidate = (position + offset) % len(indices)
+        try:
+            return source.load(int(indices[candidate])), candidate
+        except UnreadableImage:
+            continue
+    raise UserError(f"{MAX_SUBSTITUTES} images in a row from {source.sample_ids[int(indices[position])]} are "
+                    "unreadable; check the data source")
 
 
 class SourceDataset(Dataset):

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from ssl_cli.data.sources import ImageSource, UnreadableImage
+from ssl_cli.data.dataset import load_readable
+from ssl_cli.data.sources import ImageSource
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.errors import UserError
 
@@ -61,18 +62,10 @@ class LabelledDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-        for offset in range(64):
-            candidate = (position + offset) % len(self.indices)
-            try:
-                image = self.source.load(int(self.indices[candidate]))
-                break
-            except UnreadableImage:
-                continue
-        else:
-            raise UserError(f"64 images in a row from {self.sample_id(position)} are unreadable; check the data")
+        image, candidate = load_readable(self.source, self.indices, position)
         # torchvision's random transforms draw from the global torch RNG: fork it and seed it per
         # sample so augmentation replays identically in any worker and after a resume.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, position)) & 0x7FFF_FFFF)
             image = self.transform(image)
-        return image, torch.tensor(int(self.labels[candidate])), position, offset == 0
+        return image, torch.tensor(int(self.labels[candidate])), position, candidate == position

@@ -14,13 +14,38 @@ from typing import Any, Callable
 
 from ssl_cli.artifacts.h5 import partial_path
 from ssl_cli.artifacts.outputs import artifact_fingerprint
-from ssl_cli.config import (ClusterConfig, ExtractConfig, PackConfig, FinetuneConfig, PretextConfig, PseudolabelConfig, RetrainConfig, ToyDataConfig,
-                            format_validation_error)
+from ssl_cli.config import (
+    ClusterConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    PackConfig,
+    PretextConfig,
+    PseudolabelConfig,
+    RetrainConfig,
+    ToyDataConfig,
+    format_validation_error,
+)
 from ssl_cli.errors import UserError
-from ssl_cli.pipeline.spec import INPUT_FIELDS, PipelineSpec, StageSpec, load_pipeline, order_stages, upstream_of
+from ssl_cli.pipeline.spec import (
+    INPUT_FIELDS,
+    PipelineSpec,
+    StageSpec,
+    load_pipeline,
+    order_stages,
+    upstream_of,
+)
 from ssl_cli.report import Reporter, SilentReporter
-from ssl_cli.stages import StageResult
-from ssl_cli.stages import cluster, extract, finetune, pack, pretext, pseudolabel, retrain, toy_data
+from ssl_cli.stages import (
+    StageResult,
+    cluster,
+    extract,
+    finetune,
+    pack,
+    pretext,
+    pseudolabel,
+    retrain,
+    toy_data,
+)
 
 COMMANDS: dict[str, tuple[type, Any]] = {
     "toy-data": (ToyDataConfig, toy_data),

@@ -6,12 +6,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ssl_cli.data.sources import ImageSource, UnreadableImage
-from ssl_cli.errors import UserError
+from ssl_cli.data.dataset import load_readable
+from ssl_cli.data.sources import ImageSource
 from ssl_cli.pretext.base import PretextTask
-
-# How many following images to try when one cannot be decoded, before giving up on the source.
-MAX_SUBSTITUTES = 64
 
 
 class PretextDataset(Dataset):
@@ -31,18 +28,11 @@ class PretextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _load(self, index: int) -> tuple[object, bool]:
-        for offset in range(MAX_SUBSTITUTES):
-            try:
-                return self.source.load((index + offset) % len(self.source)), offset == 0
-            except UnreadableImage:
-                continue
-        raise UserError(f"{MAX_SUBSTITUTES} images in a row from {self.source.sample_ids[index]} are unreadable; "
-                        "check the data source")
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, ok = self._load(index)
-        other = self._load(int(rng.integers(len(self.source))))[0] if self.task.needs_other_image else None
+        every = range(len(self.source))
+        image, used = load_readable(self.source, every, index)
+        other = load_readable(self.source, every, int(rng.integers(len(self.source))))[0] \
+            if self.task.needs_other_image else None
         inputs, target = self.task.build_sample(image, rng, other)
-        return inputs, target, index, ok
+        return inputs, target, index, used == index

@@ -20,8 +20,8 @@ from ssl_cli.data.transforms import eval_transform
 from ssl_cli.device import autocast, prepare_module, resolve_device, to_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import LayerReader
-from ssl_cli.models.registry import check_layer
 from ssl_cli.models.network import Network, network_from_arch, network_from_checkpoint
+from ssl_cli.models.registry import check_layer
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 
