@@ -14,7 +14,15 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from ssl_cli import __version__, ui
-from ssl_cli.config import ClusterConfig, ExtractConfig, PackConfig, PseudolabelConfig, ToyDataConfig, resolve
+from ssl_cli.config import (
+    ClusterConfig,
+    ExtractConfig,
+    PackConfig,
+    PseudolabelConfig,
+    SelfTrainConfig,
+    ToyDataConfig,
+    resolve,
+)
 from ssl_cli.errors import UserError
 from ssl_cli.options import (
     BatchSize,
@@ -47,6 +55,7 @@ app = typer.Typer(
     "pretext -> extract -> cluster -> pseudolabel -> retrain -> finetune, and self-train.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts show "[default: X]" literally
     add_completion=False,
 )
 
@@ -124,12 +133,14 @@ def pack(
     data: Data = None,
     out: Out = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help=describe(PackConfig, "image_size"), show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help=describe(PackConfig, "limit"), show_default=False)] = None,
     force: Force = None, progress: Progress = None, config: ConfigFile = None,
 ) -> None:
     """Pack an image source into one HDF5 store (images uint8 N x H x W x 3, sample_ids, targets)."""
     from ssl_cli.stages import pack as stage
 
-    cfg = resolve(PackConfig, config, {"data": data, "out": out, "image_size": image_size, "force": force, "progress": progress})
+    cfg = resolve(PackConfig, config, {"data": data, "out": out, "image_size": image_size, "limit": limit, "force": force,
+                                  "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
 
 
@@ -324,6 +335,67 @@ def finetune(
         "batch_size": batch_size, "seed": seed, "device": device, "workers": workers, "force": force,
         "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+def _self_train_option(flag: str, field: str, kind: type = str):
+    return Annotated[Optional[kind], typer.Option(flag, help=describe(SelfTrainConfig, field), show_default=False)]
+
+
+@command("self-train")
+def self_train(
+    labelled: _self_train_option("--labelled", "labelled") = None,
+    unlabelled: _self_train_option("--unlabelled", "unlabelled") = None,
+    eval_data: _self_train_option("--eval-data", "eval_data") = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder: round-0 .. round-R and summary.json", show_default=False)] = None,
+    teacher: _self_train_option("--teacher", "teacher", Path) = None,
+    rounds: _self_train_option("--rounds", "rounds", int) = None,
+    arch: _self_train_option("--arch", "arch") = None,
+    student_arch: _self_train_option("--student-arch", "student_arch") = None,
+    width: Width = None,
+    student_width: _self_train_option("--student-width", "student_width", float) = None,
+    image_size: _self_train_option("--image-size", "image_size", int) = None,
+    labels_per_class: _self_train_option("--labels-per-class", "labels_per_class", int) = None,
+    threshold: _self_train_option("--threshold", "threshold", float) = None,
+    balance: _self_train_option("--balance", "balance", int) = None,
+    soft: Annotated[Optional[bool], typer.Option("--soft/--hard", help="learn the teacher's probabilities (soft) or its argmax (hard) [default: hard]", show_default=False)] = None,
+    temperature: _self_train_option("--temperature", "temperature", float) = None,
+    unlabelled_weight: _self_train_option("--unlabelled-weight", "unlabelled_weight", float) = None,
+    unlabelled_ratio: _self_train_option("--unlabelled-ratio", "unlabelled_ratio", int) = None,
+    randaugment_ops: _self_train_option("--randaugment-ops", "randaugment_ops", int) = None,
+    randaugment_magnitude: _self_train_option("--randaugment-magnitude", "randaugment_magnitude", int) = None,
+    dropout: _self_train_option("--dropout", "dropout", float) = None,
+    stochastic_depth: _self_train_option("--stochastic-depth", "stochastic_depth", float) = None,
+    min_scale: _self_train_option("--min-scale", "min_scale", float) = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips [default: on]", show_default=False)] = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
+    optimizer: Optimizer = None,
+    momentum: Momentum = None,
+    weight_decay: WeightDecay = None,
+    warmup_epochs: WarmupEpochs = None,
+    schedule: Schedule = None,
+    deterministic: Deterministic = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="labelled images per batch; each brings --unlabelled-ratio pseudo-labelled ones [default: 64]", show_default=False)] = None,
+    seed: Seed = None, device: Device = None, workers: Workers = None,
+    force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """Teacher-student self-training rounds (Noisy Student) -> DIR/round-r/{labels.h5, student.pt, metrics.json}."""
+    from ssl_cli.stages import self_train as stage
+
+    cfg = resolve(SelfTrainConfig, config, {
+        "labelled": labelled, "unlabelled": unlabelled, "eval_data": eval_data, "out": out, "teacher": teacher,
+        "rounds": rounds, "arch": arch, "student_arch": student_arch, "width": width, "student_width": student_width,
+        "image_size": image_size, "labels_per_class": labels_per_class, "threshold": threshold, "balance": balance,
+        "soft": soft, "temperature": temperature, "unlabelled_weight": unlabelled_weight,
+        "unlabelled_ratio": unlabelled_ratio, "randaugment_ops": randaugment_ops,
+        "randaugment_magnitude": randaugment_magnitude, "dropout": dropout, "stochastic_depth": stochastic_depth,
+        "min_scale": min_scale, "flip": flip, "epochs": epochs, "lr": lr, "optimizer": optimizer, "momentum": momentum,
+        "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "schedule": schedule,
+        "deterministic": deterministic, "batch_size": batch_size, "seed": seed, "device": device, "workers": workers,
+        "force": force, "progress": progress})
+    result = stage.run(cfg, _reporter(cfg))
+    ui.show_result(result)
+    ui.show_table("accuracy per round", stage.round_table(cfg.out))
 
 
 @command()

@@ -99,6 +99,7 @@ class ToyDataConfig(BaseModel):
 class PackConfig(StageConfig):
     data: str
     image_size: int | None = Field(None, ge=8, le=1024, description="resize to this square size (default: keep)")
+    limit: int | None = Field(None, ge=1, description="pack only the first N images (a subset for quick experiments)")
 
 
 def format_validation_error(error: ValidationError, source: str = "", as_flags: bool = True) -> str:
@@ -190,4 +191,41 @@ class FinetuneConfig(TrainConfig):
     knn_k: int = Field(20, ge=1, description="knn: neighbours that vote")
     knn_temperature: float = Field(0.07, gt=0, description="knn: votes weighted by exp(cosine / T)")
     image_size: int | None = Field(None, ge=16, le=1024, description="default: the checkpoint's input size")
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class SelfTrainConfig(TrainConfig):
+    """Teacher-student rounds (Noisy Student). Field groups say which round files each setting reaches,
+    so that adding rounds or changing the pseudo-label policy keeps what it does not affect."""
+
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = TrainConfig.DISPLAY_ONLY | {"eval_batch_size"}
+    INPUT_PATHS: ClassVar[frozenset[str]] = TrainConfig.INPUT_PATHS | {"labelled", "unlabelled", "eval_data", "teacher"}
+    POLICY: ClassVar[frozenset[str]] = frozenset({"threshold", "balance", "soft", "temperature"})
+    STUDENT_ONLY: ClassVar[frozenset[str]] = frozenset({"student_arch", "student_width", "unlabelled_weight",
+                                                        "unlabelled_ratio"})
+
+    out: Path = Field(description="output folder: round-0 .. round-R, summary.json")
+    labelled: str = Field(description="labelled images (class subfolders or a labelled dataset)")
+    unlabelled: str = Field(description="images the teacher labels (their own labels, if any, are never used)")
+    eval_data: str | None = Field(None, description="labelled evaluation images (default: the labelled source's test split)")
+    teacher: Path | None = Field(None, description="first teacher checkpoint (default: round 0 trains one on the labelled images)")
+    rounds: int = Field(2, ge=1, le=100, description="self-training rounds after round 0")
+    arch: str | None = Field(None, description="architecture trained here (default: the teacher's)")
+    student_arch: str | None = Field(None, description="students' architecture, same or larger than the teacher (default: --arch)")
+    width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg for --arch")
+    student_width: float | None = Field(None, gt=0, le=4, description="channel multiplier of the students (default: --width)")
+    image_size: int | None = Field(None, ge=16, le=1024, description="training crop size (default: the arch's input size)")
+    labels_per_class: int | None = Field(None, ge=1, description="use a deterministic subset of N labelled images per class")
+    threshold: float = Field(0.3, ge=0, le=1, description="keep pseudo-labels whose confidence is at least this")
+    balance: int | None = Field(None, ge=1, description="keep the N most confident images per class, repeating short classes")
+    soft: bool = Field(False, description="train on the teacher's probabilities instead of its hard labels")
+    temperature: float = Field(1.0, gt=0, description="soft labels: softmax(logits / T)")
+    unlabelled_weight: float = Field(1.0, ge=0, description="loss = labelled CE + this x pseudo-labelled CE")
+    unlabelled_ratio: int = Field(1, ge=1, le=64, description="pseudo-labelled images per labelled image in a batch")
+    randaugment_ops: int = Field(2, ge=0, le=10, description="RandAugment operations per image (0: off)")
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude (0-30)")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout before the classifier's linear layers")
+    stochastic_depth: float = Field(0.2, ge=0, lt=1, description="ResNets: drop probability of the last block (linear in depth)")
+    min_scale: float = Field(0.2, gt=0, le=1, description="smallest area fraction of the random resized crop")
+    flip: bool = Field(True, description="random horizontal flips")
     eval_batch_size: int = Field(256, ge=1)

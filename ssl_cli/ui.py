@@ -83,6 +83,18 @@ def show_plan(rows: list[dict[str, str]]) -> None:
     out.print(table)
 
 
+def show_table(title: str, rows: list[dict[str, Any]]) -> None:
+    """Rows of one shape as a table whose columns are the first row's keys (None shows as '-')."""
+    if os.environ.get("RANK", "0") != "0" or not rows:
+        return
+    table = Table(title=title, title_justify="left")
+    for column in rows[0]:
+        table.add_column(column.replace("_", " "))
+    for item in rows:
+        table.add_row(*("-" if value is None else _format(value) for value in item.values()))
+    out.print(table)
+
+
 def show_artifact(path: str, info: dict[str, Any]) -> None:
     attrs = dict(info["attrs"])
     head = Table(title=f"{path}", show_header=False, title_justify="left")

@@ -22,6 +22,7 @@ from ssl_cli.config import (
     PretextConfig,
     PseudolabelConfig,
     RetrainConfig,
+    SelfTrainConfig,
     ToyDataConfig,
     format_validation_error,
 )
@@ -44,6 +45,7 @@ from ssl_cli.stages import (
     pretext,
     pseudolabel,
     retrain,
+    self_train,
     toy_data,
 )
 
@@ -56,6 +58,7 @@ COMMANDS: dict[str, tuple[type, Any]] = {
     "pseudolabel": (PseudolabelConfig, pseudolabel),
     "retrain": (RetrainConfig, retrain),
     "finetune": (FinetuneConfig, finetune),
+    "self-train": (SelfTrainConfig, self_train),
 }
 
 
@@ -111,6 +114,8 @@ def output_state(name: str, stage: StageSpec, base: Path) -> tuple[str, str]:
         return "run", "stale: settings or inputs changed (replaces the output)"
     if artifact_fingerprint(partial_path(cfg.out)) == fingerprint:
         return "resume", "interrupted earlier"
+    if cfg.out.is_dir() and any(cfg.out.iterdir()):
+        return "resume", "interrupted earlier (finished parts are kept)"
     return "run", "no output yet"
 
 

@@ -36,15 +36,17 @@ from ssl_cli.models.registry import build_model, check_layer
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 from ssl_cli.stages.pretext import train_options
+from ssl_cli.train import distributed
 from ssl_cli.train.loop import train
 
 
-def eval_source_spec(cfg: FinetuneConfig) -> str:
-    if cfg.eval_data:
-        return cfg.eval_data
-    if cfg.data.startswith("fashion-mnist:") and not cfg.data.endswith(":test"):
-        return cfg.data.removesuffix(":train") + ":test"
-    raise UserError(f"--data {cfg.data} has no test split of its own; pass --eval-data with labelled images")
+def eval_source_spec(data: str, eval_data: str | None, flag: str = "--data") -> str:
+    """The evaluation source: `eval_data`, else the test split of a `fashion-mnist:` training source."""
+    if eval_data:
+        return eval_data
+    if data.startswith("fashion-mnist:") and not data.endswith(":test"):
+        return data.removesuffix(":train") + ":test"
+    raise UserError(f"{flag} {data} has no test split of its own; pass --eval-data with labelled images")
 
 
 def few_labels(targets: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
@@ -79,13 +81,13 @@ def scores(targets: np.ndarray, logits: np.ndarray, classes: int) -> dict[str, A
     return {"top1": float(top1.mean()), "top5": float(top5.mean()), "per_class": per_class, "n": int(len(targets))}
 
 
-def embed(module: nn.Module, source: ImageSource, indices: np.ndarray, network: Network, cfg: FinetuneConfig,
-          device: torch.device) -> dict[str, torch.Tensor] | torch.Tensor:
-    """Run `module` (frozen) over images `indices` with the checkpoint's eval transform; concatenates outputs."""
-    size = cfg.image_size or network.input_size
+def embed(module: nn.Module, source: ImageSource, indices: np.ndarray, network: Network, device: torch.device,
+          size: int, batch_size: int = 256, workers: int = 0) -> dict[str, torch.Tensor] | torch.Tensor:
+    """Run `module` (frozen) over images `indices` with the network's eval transform at `size`;
+    returns the (len(indices), ...) outputs concatenated (a dict of them for a dict-valued module)."""
     dataset = SourceDataset(source, eval_transform(size, network.mean, network.std, network.per_image_normalise,
                                                    network.input_mode), indices=indices, placeholder_shape=(3, size, size))
-    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     outputs: list = []
     module = prepare_module(module, device).eval()
     with torch.inference_mode():
@@ -174,7 +176,7 @@ def provenance_for(cfg: FinetuneConfig, network: Network, source: ImageSource, e
 
 def provenance(cfg: FinetuneConfig):
     return provenance_for(cfg, network_from_checkpoint(cfg.model), labelled_source(cfg.data, "--data"),
-                          labelled_source(eval_source_spec(cfg), "--eval-data"))
+                          labelled_source(eval_source_spec(cfg.data, cfg.eval_data), "--eval-data"))
 
 
 def recorded_fingerprint(cfg: FinetuneConfig) -> str | None:
@@ -187,7 +189,7 @@ def run(cfg: FinetuneConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     network = network_from_checkpoint(cfg.model)
     source = labelled_source(cfg.data, "--data")
-    evaluation = labelled_source(eval_source_spec(cfg), "--eval-data")
+    evaluation = labelled_source(eval_source_spec(cfg.data, cfg.eval_data), "--eval-data")
     classes = int(max(source.targets.max(), evaluation.targets.max()) + 1)
     chosen = few_labels(source.targets, cfg.labels_per_class, cfg.seed)
     eval_indices = np.flatnonzero(evaluation.targets >= 0)
@@ -208,8 +210,9 @@ def run(cfg: FinetuneConfig, reporter: Reporter | None = None) -> StageResult:
     eval_targets = evaluation.targets[eval_indices]
     if cfg.mode == "knn":
         reader = LayerReader(network.model, network.spec, layers[0])
-        train_x = embed(reader, source, chosen, network, cfg, device)
-        test_x = embed(reader, evaluation, eval_indices, network, cfg, device)
+        size = cfg.image_size or network.input_size
+        train_x = embed(reader, source, chosen, network, device, size, cfg.eval_batch_size, cfg.workers)
+        test_x = embed(reader, evaluation, eval_indices, network, device, size, cfg.eval_batch_size, cfg.workers)
         result = {layers[0]: scores(eval_targets, knn_scores(train_x, torch.from_numpy(source.targets[chosen]),
                                                              test_x, classes, cfg.knn_k, cfg.knn_temperature), classes)}
     else:
@@ -218,10 +221,11 @@ def run(cfg: FinetuneConfig, reporter: Reporter | None = None) -> StageResult:
     report = {"fingerprint": provenance.fingerprint, "mode": cfg.mode, "model": str(cfg.model),
               "train_images": int(len(chosen)), "eval_images": int(len(eval_indices)), "classes": classes,
               "layers": result, "config": cfg.model_dump(mode="json")}
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    tmp = metrics_file.with_name("metrics.json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, metrics_file)
+    if distributed.launched_world()[0] == 0:  # under torchrun every rank evaluates; rank 0 writes
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        tmp = metrics_file.with_name("metrics.json.tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        os.replace(tmp, metrics_file)
     return StageResult("finetune", cfg.out, "written", summary_of(report))
 
 
@@ -256,7 +260,7 @@ def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, clas
     else:
         model.heads.load_state_dict(trained)
     model.eval()
-    outputs = embed(model, evaluation, eval_indices, network, cfg, device)
+    outputs = embed(model, evaluation, eval_indices, network, device, size, cfg.eval_batch_size, cfg.workers)
     outputs = outputs if isinstance(outputs, dict) else {"logits": outputs}
     targets = evaluation.targets[eval_indices]
     return {layer: scores(targets, logits.numpy(), classes) for layer, logits in outputs.items()}

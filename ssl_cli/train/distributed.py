@@ -24,6 +24,11 @@ class ProcessGroup:
         return self.world > 1
 
 
+def launched_world() -> tuple[int, int]:
+    """(rank, world size) torchrun gave this process; (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device_type: str) -> ProcessGroup:
     """Join the process group torchrun describes in the environment; a no-op without torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

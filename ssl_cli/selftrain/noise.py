@@ -1,0 +1,61 @@
+"""The noise a Noisy Student learns under: input noise (RandAugment on top of crops and flips) and
+model noise (dropout before the classifier's linear layers, stochastic depth in ResNets).
+
+Model noise is added with hooks and module attributes, never new parameters, so the student's
+state dict keeps the registry's layout and loads anywhere a plain checkpoint of its arch does.
+Every hook checks `module.training`: a student in eval mode (a teacher, or under evaluation) is
+noise-free.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+from torchvision import transforms as T
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import stochastic_depth
+
+from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def student_transform(size: int, min_scale: float, flip: bool, ops: int, magnitude: int) -> Callable:
+    """PIL image -> (3, size, size) normalised tensor: random resized crop, flip, RandAugment(ops, magnitude)."""
+    steps: list = [T.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)]
+    if flip:
+        steps.append(T.RandomHorizontalFlip())
+    if ops:
+        steps.append(T.RandAugment(num_ops=ops, magnitude=magnitude))
+    steps += [T.ToTensor(), T.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))]
+    return T.Compose(steps)
+
+
+def add_noise(model: nn.Module, dropout: float, depth_drop: float) -> dict[str, int]:
+    """Make `model` noisy while training; returns what was changed, for the round's metrics.
+
+    dropout: the p of every existing nn.Dropout (AlexNet/VGG classifiers); a model without one
+        (ResNet) gets dropout on the input of its final `fc` layer.
+    depth_drop: ResNet residual branches are dropped per sample, with probability rising linearly
+        from 0 to `depth_drop` at the last block (Huang et al. 2016), surviving ones rescaled.
+    """
+    dropouts = [module for module in model.modules() if isinstance(module, nn.Dropout)]
+    for module in dropouts:
+        module.p = dropout
+    fc_dropout = 0
+    if not dropouts and dropout and isinstance(getattr(model, "fc", None), nn.Linear):
+        model.fc.register_forward_pre_hook(
+            lambda module, args: (nn.functional.dropout(args[0], dropout, module.training),))
+        fc_dropout = 1
+    blocks = [module for module in model.modules() if isinstance(module, (BasicBlock, Bottleneck))]
+    if depth_drop:
+        for depth, block in enumerate(blocks, start=1):
+            last_norm = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+            last_norm.register_forward_hook(_drop_branch(depth_drop * depth / len(blocks)))
+    return {"dropout_layers": len(dropouts) + fc_dropout, "stochastic_depth_blocks": len(blocks) if depth_drop else 0}
+
+
+def _drop_branch(p: float) -> Callable:
+    """A forward hook on a block's last norm layer: its output is the residual branch, before the skip is added."""
+    def hook(module: nn.Module, args, output):
+        return stochastic_depth(output, p, "row", module.training)
+    return hook
