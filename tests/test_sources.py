@@ -263,3 +263,11 @@ def test_installed_fashion_mnist_test_split() -> None:
     assert image.size == (28, 28) and image.mode == "RGB"
     # the published first test item is an ankle boot (label 9)
     assert source.targets[0] == 9
+
+
+def test_pack_with_a_limit_keeps_the_first_n_images(cli, toy_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "first.h5"
+    assert cli("pack", "--data", toy_dir, "--out", out, "--limit", 10, "--no-progress").exit_code == 0
+    store, folder = open_source(str(out)), open_source(str(toy_dir))
+    assert list(store.sample_ids) == list(folder.sample_ids[:10])
+    assert store.targets.tolist() == folder.targets[:10].tolist()

@@ -40,11 +40,12 @@ def run(cfg: PackConfig, reporter: Reporter | None = None) -> StageResult:
         writer.set_attrs(source_done=0, classes=source.classes)
     skipped: list[str] = []  # this run's; earlier runs' are counted in n_skipped
     earlier = int(writer.get_attr("n_skipped", 0))
+    total = min(len(source), cfg.limit or len(source))
     try:
         start = int(writer.get_attr("source_done", 0))
-        with reporter.progress("pack", total=len(source), completed=start) as advance:
-            for block_start in range(start, len(source), BLOCK):
-                indices = range(block_start, min(block_start + BLOCK, len(source)))
+        with reporter.progress("pack", total=total, completed=start) as advance:
+            for block_start in range(start, total, BLOCK):
+                indices = range(block_start, min(block_start + BLOCK, total))
                 pixels, kept = [], []
                 for index in indices:
                     try:
