@@ -209,7 +209,7 @@ class SelfTrainConfig(TrainConfig):
     unlabelled: str = Field(description="images the teacher labels (their own labels, if any, are never used)")
     eval_data: str | None = Field(None, description="labelled evaluation images (default: the labelled source's test split)")
     teacher: Path | None = Field(None, description="first teacher checkpoint (default: round 0 trains one on the labelled images)")
-    rounds: int = Field(2, ge=1, le=100, description="self-training rounds after round 0")
+    rounds: int = Field(2, ge=0, le=100, description="self-training rounds after round 0 (0: only the labelled-only model)")
     arch: str | None = Field(None, description="architecture trained here (default: the teacher's)")
     student_arch: str | None = Field(None, description="students' architecture, same or larger than the teacher (default: --arch)")
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg for --arch")
