@@ -8,9 +8,34 @@ fi
 PYTHON="${SSL% -m ssl_cli}"
 [[ "$PYTHON" == "$SSL" ]] && PYTHON="python"
 
-if [[ -z "${GPUS:-}" ]]; then
-  GPUS="$($PYTHON -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-fi
+# parse_args SCRIPT REQUIRED OPTIONAL -- "$@": every `--some-name VALUE` of the named flags sets
+# SOME_NAME=VALUE; -h/--help prints the script's header; a missing required flag is exit 2.
+parse_args() {
+  local script="$1" required="$2" optional="$3"
+  shift 4
+  while [[ $# -gt 0 ]]; do
+    local flag="${1#--}"
+    if [[ "$1" == "-h" || "$1" == "--help" ]]; then
+      sed -n '2,/^set -euo/p' "$script" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0
+    fi
+    if [[ " $required $optional " != *" $flag "* || $# -lt 2 ]]; then
+      echo "error: unknown argument or missing value: $1; see --help" >&2; exit 2
+    fi
+    local name="${flag//-/_}"
+    printf -v "${name^^}" '%s' "$2"
+    shift 2
+  done
+  for flag in $required; do
+    local name="${flag//-/_}"
+    name="${name^^}"
+    if [[ -z "${!name:-}" ]]; then
+      echo "error: --${required// / and --} are required; see --help" >&2; exit 2
+    fi
+  done
+  if [[ -z "${GPUS:-}" ]]; then
+    GPUS="$($PYTHON -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+  fi
+}
 
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 

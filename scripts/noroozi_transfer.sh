@@ -18,23 +18,10 @@
 #   FEATURE_LAYER=conv5 POOL_SIZE=3 LR=0.01 LABELS_PER_CLASS= (empty: all labels) SSL="python -m ssl_cli"
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-DATA="" LABELLED="" EVAL_DATA="" OUT="" GPUS=""
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --data) DATA="$2"; shift 2 ;;
-    --labelled) LABELLED="$2"; shift 2 ;;
-    --eval-data) EVAL_DATA="$2"; shift 2 ;;
-    --out) OUT="$2"; shift 2 ;;
-    --gpus) GPUS="$2"; shift 2 ;;
-    -h|--help) usage ;;
-    *) echo "error: unknown argument $1; see --help" >&2; exit 2 ;;
-  esac
-done
-[[ -n "$DATA" && -n "$LABELLED" && -n "$OUT" ]] || { echo "error: --data, --labelled and --out are required; see --help" >&2; exit 2; }
-
 HERE="$(cd "$(dirname "$0")" && pwd)"
 source "$HERE/lib.sh"
+DATA="" LABELLED="" OUT="" EVAL_DATA="" GPUS=""
+parse_args "$0" "data labelled out" "eval-data gpus" -- "$@"
 
 DEEP_ARCH="${DEEP_ARCH:-vgg16}" SHALLOW_ARCH="${SHALLOW_ARCH:-alexnet}"
 IMAGE_SIZE="${IMAGE_SIZE:-225}" SHALLOW_SIZE="${SHALLOW_SIZE:-224}"

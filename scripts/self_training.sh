@@ -20,24 +20,10 @@
 #   BATCH=128 WORKERS=8 LR=0.1 EXTRA= (more self-train flags) SSL="python -m ssl_cli"
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-LABELLED="" UNLABELLED="" EVAL_DATA="" OUT="" INIT="" GPUS=""
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --labelled) LABELLED="$2"; shift 2 ;;
-    --unlabelled) UNLABELLED="$2"; shift 2 ;;
-    --eval-data) EVAL_DATA="$2"; shift 2 ;;
-    --init) INIT="$2"; shift 2 ;;
-    --out) OUT="$2"; shift 2 ;;
-    --gpus) GPUS="$2"; shift 2 ;;
-    -h|--help) usage ;;
-    *) echo "error: unknown argument $1; see --help" >&2; exit 2 ;;
-  esac
-done
-[[ -n "$LABELLED" && -n "$UNLABELLED" && -n "$OUT" ]] || { echo "error: --labelled, --unlabelled and --out are required; see --help" >&2; exit 2; }
-
 HERE="$(cd "$(dirname "$0")" && pwd)"
 source "$HERE/lib.sh"
+LABELLED="" UNLABELLED="" OUT="" EVAL_DATA="" INIT="" GPUS=""
+parse_args "$0" "labelled unlabelled out" "eval-data init gpus" -- "$@"
 
 ARCH="${ARCH:-resnet50}" STUDENT_ARCH="${STUDENT_ARCH:-}" ROUNDS="${ROUNDS:-3}"
 LABELS_PER_CLASS="${LABELS_PER_CLASS:-}" THRESHOLD="${THRESHOLD:-0.3}" BALANCE="${BALANCE:-}"
