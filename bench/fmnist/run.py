@@ -247,7 +247,7 @@ def machine() -> str:
             f"torch {torch.__version__}, {platform.system()} {platform.machine()}")
 
 
-def findings(rows: dict[str, Row]) -> list[str]:
+def findings(rows: dict[str, Row], sizes: Sizes) -> list[str]:
     """What the numbers say about each claim, written from the numbers of this run."""
     best = {key: max(rows[key].result.items(), key=lambda item: item[1]) for key in "ABCD"}
     deep, shallow, transfer, floor = (best[key] for key in "ABCD")
@@ -282,7 +282,12 @@ def findings(rows: dict[str, Row]) -> list[str]:
         lines.append("- What was tried for self-training: F keeps every pseudo-label over --threshold 0.5; the weak "
                      "teacher is confident only on easy classes, so the pseudo-labels collapse onto them (see the per-class "
                      "counts in runs/fmnist/st-rounds/round-*/metrics.json) and the student forgets the rest. G adds "
-                     "Noisy Student's per-class balancing; H also trains the first teacher three times longer.")
+                     "Noisy Student's per-class balancing; H also trains the first teacher three times longer. "
+                     f"Training images seen: a teacher {10 * sizes.st_per_class * sizes.st_teacher_epochs:,} (F, G) or "
+                     f"{30 * sizes.st_per_class * sizes.st_teacher_epochs:,} (H); a student about "
+                     f"{3 * (10 * sizes.st_balance // 2) * sizes.st_epochs:,} per round (G, H). A likely reason "
+                     "for H's students ending below their teacher, not tested here: they are trained for less than "
+                     "it was. Longer student schedules did not fit the hour.")
     return lines
 
 
@@ -294,7 +299,7 @@ def write_results(path: Path, rows: list[Row], sizes: Sizes, total: float, quick
              "run reports the same times).", "",
              f"Sizes: {sizes}", "", "Linear probes are trained on "
              f"{sizes.probe_per_class} labelled images per class of the training split and evaluated on the "
-             "10,000 test images (top-1).", "", *findings({row.key: row for row in rows}), ""]
+             "10,000 test images (top-1).", "", *findings({row.key: row for row in rows}, sizes), ""]
     for row in rows:
         lines += [f"## {row.key}: {row.what}", "", f"Wall time: {row.seconds / 60:.1f} min", ""]
         if row.result:
