@@ -197,29 +197,29 @@ def main() -> None:
                   "vs all 60k labels")
     student = ["--arch", "alexnet_lowres", "--width", 0.25, "--image-size", 32, "--batch-size", 64, "--optimizer",
                "adamw", "--lr", 0.002, "--weight-decay", 0.05, "--workers", 2, "--no-progress"]
-    run.ssl(st, "self-train", "--labelled", train, "--labels-per-class", sizes.st_per_class, "--unlabelled", "train.h5",
-            "--rounds", 0, "--epochs", sizes.st_teacher_epochs, *student, "--out", "st-teacher")
-    run.ssl(st, "self-train", "--labelled", train, "--labels-per-class", sizes.st_per_class, "--unlabelled", "train.h5",
-            "--teacher", "st-teacher/round-0/student.pt", "--rounds", sizes.st_rounds, "--threshold", sizes.st_threshold,
-            "--unlabelled-ratio", 2, "--epochs", sizes.st_epochs, *student, "--out", "st-rounds")
+    few = ["--labelled", train, "--labels-per-class", sizes.st_per_class, "--unlabelled", "train.h5"]
+
+    def teacher(row: Row, epochs: int, out: str) -> None:
+        run.ssl(row, "self-train", *few, "--rounds", 0, "--epochs", epochs, *student, "--out", out)
+
+    def rounds(row: Row, first: str, policy: list, out: str) -> None:
+        run.ssl(row, "self-train", *few, "--teacher", f"{first}/round-0/student.pt", "--rounds", sizes.st_rounds,
+                *policy, "--unlabelled-ratio", 2, "--epochs", sizes.st_epochs, *student, "--out", out)
+
+    teacher(st, sizes.st_teacher_epochs, "st-teacher")
+    rounds(st, "st-teacher", ["--threshold", sizes.st_threshold], "st-rounds")
     run.ssl(st, "self-train", "--labelled", train, "--unlabelled", "train.h5", "--rounds", 0,
             "--epochs", sizes.all_labels_epochs, *student, "--out", "st-all-labels")
     rows.append(self_training_row(run, st, "st-rounds", "st-all-labels"))
 
+    balancing = ["--threshold", min(sizes.st_threshold, 0.3), "--balance", sizes.st_balance]
     balanced = Row("G", f"as F, with Noisy Student's balancing: --threshold 0.3 --balance {sizes.st_balance}")
-    run.ssl(balanced, "self-train", "--labelled", train, "--labels-per-class", sizes.st_per_class, "--unlabelled",
-            "train.h5", "--teacher", "st-teacher/round-0/student.pt", "--rounds", sizes.st_rounds, "--threshold",
-            min(sizes.st_threshold, 0.3), "--balance", sizes.st_balance, "--unlabelled-ratio", 2, "--epochs",
-            sizes.st_epochs, *student, "--out", "st-balanced")
+    rounds(balanced, "st-teacher", balancing, "st-balanced")
     rows.append(self_training_row(run, balanced, "st-balanced", "st-all-labels"))
 
     stronger = Row("H", f"as G, from a teacher trained 3x longer ({3 * sizes.st_teacher_epochs} epochs)")
-    run.ssl(stronger, "self-train", "--labelled", train, "--labels-per-class", sizes.st_per_class, "--unlabelled",
-            "train.h5", "--rounds", 0, "--epochs", 3 * sizes.st_teacher_epochs, *student, "--out", "st-teacher-long")
-    run.ssl(stronger, "self-train", "--labelled", train, "--labels-per-class", sizes.st_per_class, "--unlabelled",
-            "train.h5", "--teacher", "st-teacher-long/round-0/student.pt", "--rounds", sizes.st_rounds, "--threshold",
-            min(sizes.st_threshold, 0.3), "--balance", sizes.st_balance, "--unlabelled-ratio", 2, "--epochs",
-            sizes.st_epochs, *student, "--out", "st-long-balanced")
+    teacher(stronger, 3 * sizes.st_teacher_epochs, "st-teacher-long")
+    rounds(stronger, "st-teacher-long", balancing, "st-long-balanced")
     rows.append(self_training_row(run, stronger, "st-long-balanced", "st-all-labels"))
     rows.insert(0, setup)
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -98,9 +98,10 @@ def prepare(cfg: SelfTrainConfig) -> Prepared:
         width = teacher_arch.kwargs.get("width")
     student = make_arch(student_name, width, classes, cfg.image_size)
     teacher = teacher_arch or first
-    if student.parameters() < teacher.parameters():
-        raise UserError(f"the student ({student.name}, {student.parameters():,} parameters) is smaller than the "
-                        f"teacher ({teacher.name}, {teacher.parameters():,}); Noisy Student needs a student at least "
+    student_size, teacher_size = student.parameters(), teacher.parameters()
+    if student_size < teacher_size:
+        raise UserError(f"the student ({student.name}, {student_size:,} parameters) is smaller than the "
+                        f"teacher ({teacher.name}, {teacher_size:,}); Noisy Student needs a student at least "
                         "as large: pick a larger --student-arch or --student-width")
     inputs = [source_input(labelled), source_input(unlabelled), source_input(evaluation)]
     if cfg.teacher:
@@ -135,9 +136,9 @@ def round_config(cfg: SelfTrainConfig, r: int) -> dict[str, Any]:
     return config | {"round": r}
 
 
-def provenance(cfg: SelfTrainConfig) -> Provenance:
+def provenance(cfg: SelfTrainConfig, prepared: Prepared | None = None) -> Provenance:
     """The whole run's provenance: summary.json records its fingerprint (what `ssl run` compares)."""
-    prepared = prepare(cfg)
+    prepared = prepared or prepare(cfg)
     return make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), cfg.result_config(),
                            prepared.inputs)
 
@@ -155,11 +156,10 @@ def run(cfg: SelfTrainConfig, reporter: Reporter | None = None) -> StageResult:
     if cfg.out.exists() and not cfg.out.is_dir():
         raise UserError(f"--out {cfg.out} is a file; self-train writes a folder of rounds")
     prepared = prepare(cfg)
-    whole = make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), cfg.result_config(),
-                            prepared.inputs)
+    whole = provenance(cfg, prepared)
     if recorded_fingerprint(cfg) == whole.fingerprint and not cfg.force:
         reporter.info(f"{cfg.out} is up to date; skipped")
-        return StageResult("self-train", cfg.out, "up to date", summary_of(read_json(cfg.out / "summary.json")))
+        return StageResult("self-train", cfg.out, "up to date", summary_of(cfg, read_json(cfg.out / "summary.json")))
     rounds = [round_zero(prepared, reporter)]
     teacher = cfg.teacher or prepared.round_dir(0) / "student.pt"
     for r in range(1, cfg.rounds + 1):
@@ -169,10 +169,9 @@ def run(cfg: SelfTrainConfig, reporter: Reporter | None = None) -> StageResult:
     summary = {"fingerprint": whole.fingerprint, "classes": prepared.classes, "labelled_images": len(prepared.chosen),
                "unlabelled_images": len(prepared.unlabelled), "eval_images": len(prepared.eval_indices),
                "baseline": None if cfg.teacher else rounds[0]["student"]["top1"],
-               "rounds": [row(metrics) for metrics in rounds], "config": cfg.model_dump(mode="json"),
-               "path": str(cfg.out / "summary.json")}
+               "rounds": [row(metrics) for metrics in rounds], "config": cfg.model_dump(mode="json")}
     write_json(cfg.out / "summary.json", summary)
-    return StageResult("self-train", cfg.out, "written", summary_of(summary))
+    return StageResult("self-train", cfg.out, "written", summary_of(cfg, summary))
 
 
 def round_zero(prepared: Prepared, reporter: Reporter) -> dict[str, Any]:
@@ -221,11 +220,10 @@ def train_student(prepared: Prepared, r: int, arch: Arch, pseudo, out: Path, pro
                                np.empty((0, prepared.classes), np.float32), prepared.classes, 0, transform, seed)
     else:
         position = {sample_id: index for index, sample_id in enumerate(prepared.unlabelled.sample_ids)}
-        missing = [sample_id for sample_id in pseudo.sample_ids[:1000] if sample_id not in position]
-        if missing:
-            raise UserError(f"pseudo-labelled ids are not images of --unlabelled (e.g. {missing[0]}); "
+        rows = np.array([position.get(sample_id, -1) for sample_id in pseudo.sample_ids], dtype=np.int64)
+        if (rows < 0).any():
+            raise UserError(f"pseudo-labelled ids are not images of --unlabelled (e.g. {pseudo.sample_ids[rows < 0][0]}); "
                             "the unlabelled source changed since its labels were made: pass --force")
-        rows = np.array([position[sample_id] for sample_id in pseudo.sample_ids], dtype=np.int64)
         dataset = MixedDataset(prepared.labelled, prepared.chosen, labels, prepared.unlabelled, rows, pseudo.targets,
                                prepared.classes, cfg.unlabelled_ratio, transform, seed)
     weight = cfg.unlabelled_weight
@@ -281,11 +279,11 @@ def row(metrics: dict[str, Any]) -> dict[str, Any]:
             "checkpoint": metrics["checkpoint"]}
 
 
-def summary_of(summary: dict[str, Any]) -> dict[str, Any]:
+def summary_of(cfg: SelfTrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
     last = summary["rounds"][-1]
     return {"rounds": len(summary["rounds"]) - 1, "labelled images": summary["labelled_images"],
             "unlabelled images": summary["unlabelled_images"], "baseline top1": summary["baseline"],
-            "final top1": last["top1"], "summary": str(summary.get("path", ""))}
+            "final top1": last["top1"], "summary": str(cfg.out / "summary.json")}
 
 
 def round_table(out: Path) -> list[dict[str, Any]]:
