@@ -38,10 +38,12 @@ eval_args=()
 few=()
 [[ -n "$LABELS_PER_CLASS" ]] && few=(--labels-per-class "$LABELS_PER_CLASS")
 common=(--workers "$WORKERS" --no-progress)
+# the papers' ImageNet recipe (SGD, cosine), not the small-image defaults of the tool (AdamW, one-cycle)
+sgd=(--optimizer sgd --schedule cosine --weight-decay "${WEIGHT_DECAY:-5e-4}")
 
 step "1/7 pretext: Jigsaw++ on $DEEP_ARCH"
 launch_training pretext --task jigsawpp --arch "$DEEP_ARCH" --image-size "$IMAGE_SIZE" --data "$DATA" \
-  --epochs "$PRETEXT_EPOCHS" --batch-size "$BATCH" --lr "$LR" --warmup-epochs 1 "${EXTRA_PRETEXT[@]}" \
+  --epochs "$PRETEXT_EPOCHS" --batch-size "$BATCH" --lr "$LR" "${sgd[@]}" --warmup-epochs 1 "${EXTRA_PRETEXT[@]}" \
   "${common[@]}" --out "$OUT/pretext.pt"
 
 step "2/7 extract: $FEATURE_LAYER of the pretext network"
@@ -56,16 +58,16 @@ ssl_one pseudolabel --clusters "$OUT/clusters.h5" --features "$OUT/features.h5" 
 
 step "5/7 retrain: $SHALLOW_ARCH learns the cluster ids"
 launch_training retrain --labels "$OUT/labels.h5" --data "$DATA" --arch "$SHALLOW_ARCH" --image-size "$SHALLOW_SIZE" \
-  --sampling uniform --epochs "$RETRAIN_EPOCHS" --batch-size "$BATCH" --lr "$LR" "${EXTRA_RETRAIN[@]}" \
+  --sampling uniform --epochs "$RETRAIN_EPOCHS" --batch-size "$BATCH" --lr "$LR" "${sgd[@]}" "${EXTRA_RETRAIN[@]}" \
   "${common[@]}" --out "$OUT/student.pt"
 
 step "6/7 finetune: linear probes on every conv layer of $SHALLOW_ARCH"
 launch_training finetune --model "$OUT/student.pt" --data "$LABELLED" "${eval_args[@]}" --mode linear "${few[@]}" \
-  --epochs "$LINEAR_EPOCHS" --batch-size "$BATCH" --lr 0.01 "${common[@]}" --out "$OUT/linear"
+  --epochs "$LINEAR_EPOCHS" --batch-size "$BATCH" --lr 0.01 "${sgd[@]}" "${common[@]}" --out "$OUT/linear"
 
 step "7/7 finetune: full finetuning of $SHALLOW_ARCH"
 launch_training finetune --model "$OUT/student.pt" --data "$LABELLED" "${eval_args[@]}" --mode full "${few[@]}" \
-  --epochs "$FINETUNE_EPOCHS" --batch-size "$BATCH" --lr "$LR" "${common[@]}" --out "$OUT/full"
+  --epochs "$FINETUNE_EPOCHS" --batch-size "$BATCH" --lr "$LR" "${sgd[@]}" "${common[@]}" --out "$OUT/full"
 
 step "done"
 show_metrics "$OUT/linear/metrics.json" "$OUT/full/metrics.json"

@@ -42,12 +42,14 @@ policy=(--threshold "$THRESHOLD" --unlabelled-ratio "$RATIO" --unlabelled-weight
 [[ "$SOFT" == 1 ]] && policy+=(--soft --temperature "$TEMPERATURE")
 [[ -n "$STUDENT_ARCH" ]] && policy+=(--student-arch "$STUDENT_ARCH")
 common=(--workers "$WORKERS" --no-progress)
+# the papers' ImageNet recipe (SGD, cosine), not the small-image defaults of the tool (AdamW, one-cycle)
+sgd=(--optimizer sgd --schedule cosine --weight-decay "${WEIGHT_DECAY:-1e-4}")
 
 teacher=()
 if [[ -n "$INIT" ]]; then
   step "1/2 finetune $INIT on the labelled images: the first teacher"
   launch_training finetune --model "$INIT" --data "$LABELLED" "${eval_args[@]}" --mode full "${few[@]}" \
-    --epochs "$INIT_EPOCHS" --batch-size "$BATCH" --lr "$LR" "${common[@]}" --out "$OUT/teacher"
+    --epochs "$INIT_EPOCHS" --batch-size "$BATCH" --lr "$LR" "${sgd[@]}" "${common[@]}" --out "$OUT/teacher"
   teacher=(--teacher "$OUT/teacher/finetuned.pt")
   arch=()
 else
@@ -58,6 +60,6 @@ fi
 step "2/2 self-train: $ROUNDS rounds"
 ssl_one self-train --labelled "$LABELLED" --unlabelled "$UNLABELLED" "${eval_args[@]}" "${few[@]}" \
   "${teacher[@]}" "${arch[@]}" --rounds "$ROUNDS" "${policy[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" \
-  --lr "$LR" --warmup-epochs 1 "${EXTRA[@]}" "${common[@]}" --out "$OUT/rounds"
+  --lr "$LR" "${sgd[@]}" --warmup-epochs 1 "${EXTRA[@]}" "${common[@]}" --out "$OUT/rounds"
 
 step "done: $OUT/rounds/summary.json"

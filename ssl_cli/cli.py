@@ -14,12 +14,14 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from ssl_cli import __version__, ui
+from ssl_cli.artifacts.lock import claim_output, claim_scope
 from ssl_cli.config import (
     ClusterConfig,
     ExtractConfig,
     PackConfig,
     PseudolabelConfig,
     SelfTrainConfig,
+    SupervisedConfig,
     ToyDataConfig,
     resolve,
 )
@@ -31,14 +33,18 @@ from ssl_cli.options import (
     Deterministic,
     Device,
     Epochs,
+    Flip,
     Force,
+    LabelSmoothing,
     Lr,
+    MinScale,
     Momentum,
     Optimizer,
     Out,
     Progress,
     Schedule,
     Seed,
+    Shift,
     WarmupEpochs,
     WeightDecay,
     Width,
@@ -76,14 +82,17 @@ def root(
 
 
 def command(name: str | None = None, **kwargs) -> Callable:
-    """Register a command whose errors become one line: UserError -> exit 2, anything else -> exit 1."""
+    """Register a command whose errors become one line: UserError -> exit 2, anything else -> exit 1.
+
+    The outputs a command claims (see `artifacts.lock`) are released when it ends."""
 
     def wrap(function: Callable) -> Callable:
         @functools.wraps(function)
         def guarded(*args, **kw):
             debug = _DEBUG.get()
             try:
-                return function(*args, **kw)
+                with claim_scope():
+                    return function(*args, **kw)
             except typer.Exit:
                 raise
             except UserError as error:
@@ -283,8 +292,12 @@ def retrain(
     deterministic: Deterministic = None,
     width: Width = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="training crop size [default: the arch's input size]", show_default=False)] = None,
-    min_scale: Annotated[Optional[float], typer.Option("--min-scale", help="smallest area fraction of the random resized crop [default: 0.2]", show_default=False)] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips [default: on]", show_default=False)] = None,
+    min_scale: MinScale = None,
+    shift: Shift = None,
+    flip: Flip = None,
+    label_smoothing: LabelSmoothing = None,
+    schedule: Schedule = None,
+    momentum: Momentum = None,
     grayscale_prob: Annotated[Optional[float], typer.Option("--grayscale-prob", help="probability of a grey image [default: 0]", show_default=False)] = None,
     color_jitter: Annotated[Optional[float], typer.Option("--color-jitter", help="colour jitter strength [default: 0]", show_default=False)] = None,
     batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
@@ -298,8 +311,46 @@ def retrain(
         "labels": labels, "data": data, "arch": arch, "out": out, "sampling": sampling, "epochs": epochs, "lr": lr,
         "optimizer": optimizer, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
         "deterministic": deterministic, "width": width, "image_size": image_size, "min_scale": min_scale,
-        "flip": flip, "grayscale_prob": grayscale_prob, "color_jitter": color_jitter, "batch_size": batch_size,
+        "shift": shift, "flip": flip, "label_smoothing": label_smoothing, "schedule": schedule, "momentum": momentum, "grayscale_prob": grayscale_prob, "color_jitter": color_jitter, "batch_size": batch_size,
         "seed": seed, "device": device, "workers": workers, "force": force, "progress": progress})
+    ui.show_result(stage.run(cfg, _reporter(cfg)))
+
+
+@command("train")
+def train_supervised(
+    data: Data = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="architecture trained from scratch (`ssl archs`; alexnet_bn_lowres for small images)", show_default=False)] = None,
+    out: Out = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help=describe(SupervisedConfig, "eval_data"), show_default=False)] = None,
+    labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", help=describe(SupervisedConfig, "labels_per_class"), show_default=False)] = None,
+    width: Width = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help=describe(SupervisedConfig, "dropout"), show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help=describe(SupervisedConfig, "image_size"), show_default=False)] = None,
+    min_scale: MinScale = None,
+    shift: Shift = None,
+    flip: Flip = None,
+    label_smoothing: LabelSmoothing = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
+    optimizer: Optimizer = None,
+    momentum: Momentum = None,
+    weight_decay: WeightDecay = None,
+    warmup_epochs: WarmupEpochs = None,
+    schedule: Schedule = None,
+    deterministic: Deterministic = None,
+    batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
+    force: Force = None, progress: Progress = None, config: ConfigFile = None,
+) -> None:
+    """Train an arch from scratch on labelled images -> model.pt (+ .metrics.jsonl, .eval.json): the supervised baseline."""
+    from ssl_cli.stages import train as stage
+
+    cfg = resolve(SupervisedConfig, config, {
+        "data": data, "arch": arch, "out": out, "eval_data": eval_data, "labels_per_class": labels_per_class,
+        "width": width, "dropout": dropout, "image_size": image_size, "min_scale": min_scale, "shift": shift,
+        "flip": flip, "label_smoothing": label_smoothing, "epochs": epochs, "lr": lr, "optimizer": optimizer,
+        "momentum": momentum, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "schedule": schedule,
+        "deterministic": deterministic, "batch_size": batch_size, "seed": seed, "device": device, "workers": workers,
+        "force": force, "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
 
 
@@ -318,6 +369,12 @@ def finetune(
     epochs: Epochs = None,
     lr: Lr = None,
     optimizer: Optimizer = None,
+    weight_decay: WeightDecay = None,
+    schedule: Schedule = None,
+    min_scale: MinScale = None,
+    shift: Shift = None,
+    flip: Flip = None,
+    label_smoothing: LabelSmoothing = None,
     deterministic: Deterministic = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="[default: the checkpoint's input size]", show_default=False)] = None,
     batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
@@ -331,7 +388,8 @@ def finetune(
         "model": model, "data": data, "eval_data": eval_data, "mode": mode, "out": out,
         "layers": layers.split(",") if layers else None, "freeze_through": freeze_through,
         "labels_per_class": labels_per_class, "knn_k": knn_k, "knn_temperature": knn_temperature, "epochs": epochs,
-        "lr": lr, "optimizer": optimizer, "deterministic": deterministic, "image_size": image_size,
+        "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "schedule": schedule, "min_scale": min_scale,
+        "shift": shift, "flip": flip, "label_smoothing": label_smoothing, "deterministic": deterministic, "image_size": image_size,
         "batch_size": batch_size, "seed": seed, "device": device, "workers": workers, "force": force,
         "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
@@ -365,8 +423,9 @@ def self_train(
     randaugment_magnitude: _self_train_option("--randaugment-magnitude", "randaugment_magnitude", int) = None,
     dropout: _self_train_option("--dropout", "dropout", float) = None,
     stochastic_depth: _self_train_option("--stochastic-depth", "stochastic_depth", float) = None,
-    min_scale: _self_train_option("--min-scale", "min_scale", float) = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips [default: on]", show_default=False)] = None,
+    min_scale: MinScale = None,
+    shift: Shift = None,
+    flip: Flip = None,
     epochs: Epochs = None,
     lr: Lr = None,
     optimizer: Optimizer = None,
@@ -389,7 +448,8 @@ def self_train(
         "soft": soft, "temperature": temperature, "unlabelled_weight": unlabelled_weight,
         "unlabelled_ratio": unlabelled_ratio, "randaugment_ops": randaugment_ops,
         "randaugment_magnitude": randaugment_magnitude, "dropout": dropout, "stochastic_depth": stochastic_depth,
-        "min_scale": min_scale, "flip": flip, "epochs": epochs, "lr": lr, "optimizer": optimizer, "momentum": momentum,
+        "min_scale": min_scale, "shift": shift, "flip": flip, "epochs": epochs, "lr": lr, "optimizer": optimizer,
+        "momentum": momentum,
         "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "schedule": schedule,
         "deterministic": deterministic, "batch_size": batch_size, "seed": seed, "device": device, "workers": workers,
         "force": force, "progress": progress})
@@ -424,6 +484,7 @@ def permutations(
     """Choose a jigsaw permutation set greedily for maximal minimum Hamming distance."""
     from ssl_cli.pretext.permutations import min_pairwise_hamming, save_permutations, select_permutations
 
+    claim_output(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to replace it or choose another --out")
     if n < 2:
@@ -450,6 +511,51 @@ def archs() -> None:
     for name in arch_names():
         spec = get_arch(name)
         ui.out.print(f"[bold]{name}[/bold] ({spec.description}; input {spec.input_size}px): {', '.join(spec.layers)}")
+    ui.out.print("Small images (28-64 px): alexnet_bn_lowres trains fastest to good accuracy on a CPU (bench/recipes.py); "
+                 "vgg16_bn_lowres and resnet18_lowres are the deeper choices. The *_lowres archs without _bn are kept "
+                 "for fidelity to the papers' AlexNet/VGG16 and train slower.")
+
+
+PictureForce = Annotated[Optional[bool], typer.Option("--force", help="replace an existing --out picture (it is never overwritten otherwise)", show_default=False)]
+
+
+@command()
+def gallery(
+    artifact: Annotated[Path, typer.Argument(help="clusters.h5 from `ssl cluster`, or labels.h5 from `ssl pseudolabel` / `ssl self-train`")],
+    data: Data = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="picture to write: .png, .pdf or .svg", show_default=False)] = None,
+    order: Annotated[str, typer.Option("--order", help="which rows: largest, purest, or mixed (least pure first); purity needs targets")] = "largest",
+    clusters: Annotated[int, typer.Option("--clusters", help="number of rows (clusters, or pseudo-labels)")] = 10,
+    per_cluster: Annotated[int, typer.Option("--per-cluster", help="images per row")] = 8,
+    rank: Annotated[Optional[str], typer.Option("--rank", help="images of a row: distance (nearest the centroid first) or confidence (highest first) [default: distance for clusters.h5, confidence for labels.h5]", show_default=False)] = None,
+    thumb_size: Annotated[int, typer.Option("--thumb-size", help="side of each image in pixels")] = 64,
+    force: PictureForce = None,
+) -> None:
+    """Picture of clusters or pseudo-labels: a row each, with size, purity, majority class and best images."""
+    from ssl_cli.stages import gallery as stage
+
+    if data is None or out is None:
+        raise UserError("--data (the images the features came from) and --out (e.g. gallery.png) are required")
+    ui.show_result(stage.run(artifact, data, out, order=order, rows=clusters, per_row=per_cluster, rank=rank,
+                             thumb_size=thumb_size, force=bool(force), reporter=ui.RichReporter()))
+
+
+@command()
+def plot(
+    metrics_files: Annotated[list[Path], typer.Argument(help="<stem>.metrics.jsonl files written beside checkpoints, one run each", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="picture to write: .png, .pdf or .svg", show_default=False)] = None,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="legend name of a run, once per file in file order [default: the file's stem]", show_default=False)] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="comma-separated metrics to draw, e.g. loss,accuracy [default: every numeric one]", show_default=False)] = None,
+    force: PictureForce = None,
+) -> None:
+    """Training curves per epoch: one panel per metric (loss, accuracy, lr, ...), one line per run."""
+    from ssl_cli.stages import plot as stage
+
+    if out is None:
+        raise UserError("--out is required: the picture to write, e.g. --out curves.png")
+    chosen = [name.strip() for name in metrics.split(",") if name.strip()] if metrics else None
+    ui.show_result(stage.run(metrics_files, out, labels=label, metrics=chosen, force=bool(force),
+                             reporter=ui.RichReporter()))
 
 
 @command("run")
@@ -462,6 +568,8 @@ def run_pipeline(
     """Run the stages of a stages.yaml in dependency order, skipping what is up to date."""
     from ssl_cli.pipeline import run as pipeline
 
+    if not dry_run:
+        pipeline.claim_run(stages_file)
     rows = pipeline.plan(stages_file, until=until, force=force or [])
     ui.show_plan(rows)
     if not dry_run:

@@ -141,18 +141,31 @@ def resolve(model: type[BaseModel], config_file: Path | None, flags: dict[str, A
 
 
 class TrainConfig(StageConfig):
-    """Options of the shared training loop, common to every training stage."""
+    """Options of the shared training loop, common to every training stage. The defaults are the
+    small-image recipe measured in bench/recipes.py (AdamW, one-cycle, an epoch count from the
+    dataset size); the papers' ImageNet recipes are a flag away (`--optimizer sgd --lr 0.1 --schedule cosine`)."""
 
-    epochs: int = Field(30, ge=1, le=100_000)
+    epochs: int | None = Field(None, ge=1, le=100_000,
+                               description="default: enough to see ~60k images, 10 to 100 epochs (60 for 1,000 images, 10 for 60,000)")
     batch_size: int = Field(64, ge=1, le=65536)
-    lr: float = Field(0.01, gt=0, le=10, description="peak learning rate (after warm-up)")
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.002, gt=0, le=10, description="peak learning rate (after warm-up)")
+    optimizer: Literal["sgd", "adamw"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0, le=1)
+    weight_decay: float = Field(0.05, ge=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     seed: int = 0
     deterministic: bool = Field(False, description="deterministic algorithms: identical weights after a resume")
+
+
+class ClassifierTrainConfig(TrainConfig):
+    """A network learning classes from images (supervised, pseudo-labels, finetuning): batched
+    augmentation on the device, label smoothing."""
+
+    min_scale: float = Field(1.0, gt=0, le=1, description="smallest area fraction of the random resized crop (1: no crop)")
+    shift: float | None = Field(None, ge=0, le=256, description="largest random shift in pixels (default: image side / 14, 2 px at 28-32 px)")
+    flip: bool = Field(True, description="random horizontal flips")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
 
 
 class PretextConfig(TrainConfig):
@@ -164,21 +177,35 @@ class PretextConfig(TrainConfig):
     task_options: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
 
 
-class RetrainConfig(TrainConfig):
+class RetrainConfig(ClassifierTrainConfig):
     labels: Path = Field(description="labels.h5 from `ssl pseudolabel` (joined to --data by sample id)")
     data: str
     arch: str = Field(description="the target (usually shallower) architecture, trained from scratch")
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg")
-    image_size: int | None = Field(None, ge=16, le=1024, description="training crop size (default: the arch's)")
+    image_size: int | None = Field(None, ge=16, le=1024, description="training size (default: the images' own size when the source knows it and the arch takes it; else the arch's input size)")
     sampling: Literal["natural", "uniform"] = Field("natural", description="uniform: every pseudo-label class equally often (DeepCluster)")
-    min_scale: float = Field(0.2, gt=0, le=1, description="smallest area fraction of the random resized crop")
-    flip: bool = Field(True, description="random horizontal flips")
     grayscale_prob: float = Field(0.0, ge=0, le=1, description="probability of a grey-scale image")
     color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength")
 
 
-class FinetuneConfig(TrainConfig):
-    DISPLAY_ONLY: ClassVar[frozenset[str]] = TrainConfig.DISPLAY_ONLY | {"eval_batch_size"}
+class SupervisedConfig(ClassifierTrainConfig):
+    """`ssl train`: an arch learns labelled images from scratch (the supervised baseline)."""
+
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = ClassifierTrainConfig.DISPLAY_ONLY | {"eval_batch_size"}
+    INPUT_PATHS: ClassVar[frozenset[str]] = ClassifierTrainConfig.INPUT_PATHS | {"eval_data"}
+
+    data: str = Field(description="labelled training images (class subfolders, an images .h5 with targets, fashion-mnist:DIR)")
+    eval_data: str | None = Field(None, description="labelled evaluation images (default: the test split of a fashion-mnist source; none: no evaluation)")
+    arch: str = Field(description="architecture trained from scratch (`ssl archs`; alexnet_bn_lowres for small images)")
+    width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg (default: the arch's)")
+    dropout: float | None = Field(None, ge=0, lt=1, description="dropout of the classifier's linear layers (default: the arch's)")
+    image_size: int | None = Field(None, ge=16, le=1024, description="training size (default: the images' own size when the source knows it and the arch takes it, e.g. 28 for fashion-mnist; else the arch's input size)")
+    labels_per_class: int | None = Field(None, ge=1, description="train on a deterministic subset of N images per class (by --seed)")
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class FinetuneConfig(ClassifierTrainConfig):
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = ClassifierTrainConfig.DISPLAY_ONLY | {"eval_batch_size"}
 
     model: Path = Field(description="checkpoint to evaluate (pretext, retrain or any ssl-cli model)")
     data: str = Field(description="labelled training images (targets from class subfolders or the dataset)")
@@ -226,6 +253,7 @@ class SelfTrainConfig(TrainConfig):
     randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude (0-30)")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout before the classifier's linear layers")
     stochastic_depth: float = Field(0.2, ge=0, lt=1, description="ResNets: drop probability of the last block (linear in depth)")
-    min_scale: float = Field(0.2, gt=0, le=1, description="smallest area fraction of the random resized crop")
+    min_scale: float = Field(1.0, gt=0, le=1, description="smallest area fraction of the random resized crop (1: no crop)")
+    shift: float | None = Field(None, ge=0, le=256, description="largest random shift in pixels (default: image side / 14, 2 px at 28-32 px)")
     flip: bool = Field(True, description="random horizontal flips")
     eval_batch_size: int = Field(256, ge=1)

@@ -30,12 +30,17 @@ Data = Annotated[Optional[str], typer.Option("--data", help="images: a folder (c
 
 
 # Options of the shared training loop (pretext, retrain, finetune).
-Epochs = Annotated[Optional[int], typer.Option("--epochs", help="[default: 30]", show_default=False)]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate, after warm-up [default: 0.01]", show_default=False)]
-Optimizer = Annotated[Optional[str], typer.Option("--optimizer", help="sgd or adamw [default: sgd]", show_default=False)]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", help="[default: enough to see ~60k images, 10 to 100 epochs: 60 for 1,000 images, 10 for 60,000]", show_default=False)]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate (after warm-up; one-cycle's peak) [default: 0.002]", show_default=False)]
+Optimizer = Annotated[Optional[str], typer.Option("--optimizer", help="adamw or sgd [default: adamw]", show_default=False)]
 Momentum = Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum [default: 0.9]", show_default=False)]
-WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="[default: 5e-4]", show_default=False)]
-WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="linear warm-up before the cosine decay [default: 0]", show_default=False)]
-Schedule = Annotated[Optional[str], typer.Option("--schedule", help="cosine or constant [default: cosine]", show_default=False)]
+WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="[default: 0.05]", show_default=False)]
+WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="linear warm-up before a cosine or constant schedule (one-cycle has its own) [default: 0]", show_default=False)]
+Schedule = Annotated[Optional[str], typer.Option("--schedule", help="onecycle (rise over 30% of the steps, cosine fall), cosine (after --warmup-epochs) or constant [default: onecycle]", show_default=False)]
+# Batched augmentation and loss of the stages that learn classes (train, retrain, finetune).
+MinScale = Annotated[Optional[float], typer.Option("--min-scale", help="smallest area fraction of the random resized crop; 1 = no crop [default: 1]", show_default=False)]
+Shift = Annotated[Optional[float], typer.Option("--shift", help="largest random shift in pixels [default: image side / 14: 2 px at 28-32 px]", show_default=False)]
+Flip = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips [default: on]", show_default=False)]
+LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="cross-entropy label smoothing [default: 0.1]", show_default=False)]
 Deterministic = Annotated[Optional[bool], typer.Option("--deterministic", help="deterministic algorithms: a resumed run ends with identical weights", show_default=False)]
 Width = Annotated[Optional[float], typer.Option("--width", help="channel multiplier of *_lowres alexnet/vgg (e.g. 0.25 for CPU demos)", show_default=False)]

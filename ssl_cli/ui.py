@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -55,7 +56,8 @@ class RichReporter:
 
 
 def error(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message is plain text, and "[viz]" in `pip install 'ssl-cli[viz]'` is not a style
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def show_result(result: Any) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ssl_cli.artifacts.checkpoint import checkpoint_fingerprint
 from ssl_cli.artifacts.h5 import partial_path, read_root_attrs
+from ssl_cli.artifacts.lock import claim_output, writer_process
 from ssl_cli.errors import UserError
 
 
@@ -40,10 +41,15 @@ def artifact_fingerprint(path: Path) -> str | None:
 def plan_output(out: Path, fingerprint: str, force: bool) -> OutputPlan:
     """Decide what a stage does with `out` (and `<out>.partial`) for this fingerprint.
 
+    First claims `out` (see `lock.claim_output`): a second process writing the same output stops
+    here with a one-line error, before it reads or touches anything. The claim lasts until the
+    caller's `claim_scope()` ends, i.e. past the final rename.
+
     An existing complete output is never touched here: with --force the stage writes
     `<out>.partial` and only the final rename replaces it, so an interrupted forced run
     still leaves the old, whole file in place.
     """
+    claim_output(out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file path")
     if out.exists() and not force:
@@ -58,6 +64,6 @@ def plan_output(out: Path, fingerprint: str, force: bool) -> OutputPlan:
     partial = partial_path(out)
     if partial.exists() and not force and artifact_fingerprint(partial) == fingerprint:
         return OutputPlan(OutputState.RESUME, out)
-    if partial.exists():
+    if partial.exists() and writer_process():  # under torchrun the other ranks only read
         partial.unlink()
     return OutputPlan(OutputState.FRESH, out)

@@ -16,6 +16,8 @@ __all__ = ["PCA", "CovarianceAccumulator", "fit_pca", "l2_normalize", "preproces
 # Rows per block when projecting: bounds the (rows, D) float32 temporary of the centring step
 # (64 MiB at D = 256, 1 GiB at D = 4096) instead of copying all N rows at once.
 _TRANSFORM_BLOCK_ROWS = 65536
+# Rows squared at a time for the row norms: a 4096 x 512 float32 block is 8 MiB.
+_NORM_BLOCK_ROWS = 4096
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,24 +177,58 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D (rows, features) array, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    out = np.zeros_like(x)
-    np.divide(x, norms, out=out, where=norms > 0)
+    return _divide_rows(x, _row_norms(x))
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """x: (N, d) float32 -> (N, 1) float32 Euclidean row norms, the same numbers as
+    ``np.linalg.norm(x, axis=1, keepdims=True)`` (same products, same per-row sums) but squared
+    block by block, so the (N, d) temporary of squares stays a cache-sized one."""
+    norms = np.empty((x.shape[0], 1), dtype=np.float32)
+    squares = np.empty((min(_NORM_BLOCK_ROWS, x.shape[0]), x.shape[1]), dtype=np.float32)
+    for start in range(0, x.shape[0], _NORM_BLOCK_ROWS):
+        block = x[start : start + _NORM_BLOCK_ROWS]
+        np.multiply(block, block, out=squares[: len(block)])
+        np.add.reduce(squares[: len(block)], axis=1, out=norms[start : start + len(block), 0])
+    return np.sqrt(norms, out=norms)
+
+
+def _divide_rows(x: np.ndarray, norms: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x: (N, d) float32, norms: (N, 1) -> x / norms, rows whose norm is not positive set to zero;
+    written into `out` (which may be x itself) when given."""
+    positive = norms > 0
+    out = np.divide(x, norms, out=out, where=positive)
+    if not positive.all():
+        out[~positive[:, 0]] = 0.0
     return out
 
 
-def preprocess(x: np.ndarray, pca: PCA | None) -> np.ndarray:
+def preprocess(x: np.ndarray, pca: PCA | None, overwrite_x: bool = False) -> np.ndarray:
     """DeepCluster's preprocessing: optional PCA(-whitening), then L2 normalisation.
 
     x: (N, D) features. pca: a fitted ``PCA`` or None to skip the projection.
+    overwrite_x: x may be overwritten with the result (saves an (N, D) copy when x is float32
+        and there is no PCA; a block just read from disk, say).
     Returns (N, d) float32 with d = pca.dim_out (or D), every non-zero row of unit norm.
     """
     projected = np.asarray(x, dtype=np.float32) if pca is None else pca.transform(x)
-    # Checked once here because a single NaN feature row would silently poison every centroid.
-    bad_rows = ~np.isfinite(projected).all(axis=1)
-    if bad_rows.any():
+    if projected.ndim != 2:
+        raise ValueError(f"expected a 2-D (rows, features) array, got shape {projected.shape}")
+    norms = _row_norms(projected)
+    # Checked here because a single NaN feature row would silently poison every centroid. A row
+    # with NaN or inf has a non-finite norm, so only those rows need the element-wise test (a
+    # finite row can still overflow its norm): no extra pass over the whole array.
+    suspects = np.flatnonzero(~np.isfinite(norms[:, 0]))
+    bad_rows = suspects[~np.isfinite(projected[suspects]).all(axis=1)]
+    if bad_rows.size:
         raise ValueError(
-            f"{int(bad_rows.sum())} of {projected.shape[0]} feature rows contain NaN or inf "
-            f"(first at row {int(np.flatnonzero(bad_rows)[0])}); re-extract the features"
+            f"{bad_rows.size} of {projected.shape[0]} feature rows contain NaN or inf "
+            f"(first at row {int(bad_rows[0])}); re-extract the features"
         )
-    return l2_normalize(projected)
+    # A projection (or a float32 copy) is this function's own array: normalised where it lies.
+    in_place = overwrite_x or not np.may_share_memory(projected, x)
+    return _divide_rows(projected, norms, out=projected if in_place else None)
+
+
+def auto_pca(rows: int, dim_in: int) -> tuple[int, bool]:  # placeholder while measuring
+    return min(256, dim_in, rows - 1), True

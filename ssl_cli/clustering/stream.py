@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from ssl_cli.artifacts.h5 import H5Artifact
@@ -53,16 +55,29 @@ def fit_pca_streamed(features: H5Artifact, dim: int, sample_rows: int, seed: int
     return accumulator.finalize(dim, whiten=True)
 
 
-def reduce_streamed(features: H5Artifact, pca: PCA | None, chunk_rows: int, check: bool = False) -> np.ndarray:
+def preprocessed_blocks(features: H5Artifact, pca: PCA | None, chunk_rows: int,
+                        start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (offset, block) from row `start` on: (rows, d) float32 blocks of at most `chunk_rows`
+    rows, PCA-projected (if any) and L2-normalised. A row with NaN or inf is a UserError naming it."""
+    for offset, block in features.iter_rows("features", chunk_rows, start=start):
+        try:
+            reduced = preprocess(block, pca, overwrite_x=True)  # the block is a fresh read
+        except ValueError:
+            # preprocess finds bad rows at no extra cost; the raw block is scanned only to name them
+            check_finite(np.asarray(block, dtype=np.float32), offset, features)
+            raise
+        yield offset, reduced
+
+
+def reduce_streamed(features: H5Artifact, pca: PCA | None, chunk_rows: int) -> np.ndarray:
     """All rows, PCA-projected (if any) and L2-normalised: (N, D) on disk -> (N, d) float32 in memory."""
     n = features.rows("features")
     width = pca.dim_out if pca is not None else features["features"].shape[1]
+    if 0 < n <= chunk_rows:  # one block holds every row: no second (N, d) array
+        return next(preprocessed_blocks(features, pca, chunk_rows))[1]
     out = np.empty((n, width), dtype=np.float32)
-    for offset, block in features.iter_rows("features", chunk_rows):
-        block = block.astype(np.float32, copy=False)
-        if check:
-            check_finite(block, offset, features)
-        out[offset : offset + len(block)] = preprocess(block, pca)
+    for offset, block in preprocessed_blocks(features, pca, chunk_rows):
+        out[offset : offset + len(block)] = block
     return out
 
 

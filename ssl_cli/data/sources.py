@@ -32,6 +32,7 @@ class ImageSource:
     sample_ids: list[str]
     targets: np.ndarray
     classes: list[str]
+    native_size: int | None = None  # the side of every image, when the source knows they are all square and equal
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -115,6 +116,10 @@ class H5ImageSource(ImageSource):
         self._handle: H5Artifact | None = None
         self._pid = -1
 
+    @property
+    def native_size(self) -> int | None:
+        return int(self.shape[1]) if len(self.shape) >= 3 and self.shape[1] == self.shape[2] else None
+
     def load(self, index: int) -> Image.Image:
         if self._handle is None or self._pid != os.getpid():
             self._handle, self._pid = H5Artifact(self.path, "images"), os.getpid()
@@ -150,6 +155,8 @@ class FashionMNISTSource(ImageSource):
         self.targets = targets.astype(np.int64)
         self.sample_ids = [f"{split}/{i:05d}" for i in range(len(self.targets))]
         self.classes = list(CLASSES)
+
+    native_size = 28
 
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index]).convert("RGB")

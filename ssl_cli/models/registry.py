@@ -105,6 +105,38 @@ def _alexnet_lowres(num_classes: int = 1000, dropout: float = 0.5, width: float 
     return model
 
 
+_ALEXNET_BN_LAYERS = {
+    "conv1": "features.2", "conv2": "features.6", "conv3": "features.10", "conv4": "features.13",
+    "conv5": "features.16", "pool5": "features.17", "fc6": "classifier.2", "fc7": "classifier.5",
+    "logits": "classifier.6",
+}
+
+
+def _alexnet_bn_lowres(num_classes: int = 1000, dropout: float = 0.5, width: float = 0.25, fc_width: int = 512) -> nn.Module:
+    """alexnet_lowres with batch norm after every conv (the AlexNet of DeepCluster): each conv layer
+    keeps learning at the rates that train small images fast. Default width 0.25 (16-48-96-64-64
+    channels, about 9M multiply-adds at 28 px): bench/recipes.py's pick for 28-32 px on a CPU."""
+    c1, c2, c3, c4, c5 = (max(8, int(round(c * width))) for c in (64, 192, 384, 256, 256))
+
+    def conv(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True)]
+
+    model = tvm.alexnet(weights=None, num_classes=num_classes, dropout=dropout)
+    model.features = nn.Sequential(
+        *conv(3, c1, 5), nn.MaxPool2d(3, 2),
+        *conv(c1, c2, 5), nn.MaxPool2d(3, 2),
+        *conv(c2, c3, 3), *conv(c3, c4, 3), *conv(c4, c5, 3), nn.MaxPool2d(3, 2),
+    )
+    model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+    model.classifier = nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(c5 * 4, fc_width), nn.ReLU(inplace=True),
+        nn.Dropout(dropout), nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True),
+        nn.Linear(fc_width, num_classes),
+    )
+    return model
+
+
 # --- VGG -----------------------------------------------------------------------------------------
 
 _VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -175,6 +207,8 @@ _CONV = ("conv1", "conv2", "conv3", "conv4", "conv5")
 register(ArchSpec("alexnet", _alexnet, _ALEXNET_LAYERS, 224, 63, "fc7", "pool5", _CONV, "torchvision AlexNet"))
 register(ArchSpec("alexnet_lowres", _alexnet_lowres, _ALEXNET_LAYERS, 32, 16, "fc7", "pool5", _CONV,
                   "AlexNet for 32-64 px (5x5/1 conv1; width, fc_width options)"))
+register(ArchSpec("alexnet_bn_lowres", _alexnet_bn_lowres, _ALEXNET_BN_LAYERS, 32, 16, "fc7", "pool5", _CONV,
+                  "AlexNet with batch norm for 28-64 px, width 0.25 by default: the pick for small images"))
 register(ArchSpec("vgg16", _vgg16, _vgg_layers(False), 224, 32, "fc7", "pool5", _CONV, "torchvision VGG16"))
 register(ArchSpec("vgg16_bn", _vgg16_bn, _vgg_layers(True), 224, 32, "fc7", "pool5", _CONV, "torchvision VGG16-BN"))
 register(ArchSpec("vgg16_lowres", _vgg_lowres(False), _vgg_layers(False), 32, 32, "fc7", "pool5", _CONV,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ssl_cli.artifacts.h5 import partial_path
+from ssl_cli.artifacts.lock import claim_output, claim_scope
 from ssl_cli.artifacts.outputs import artifact_fingerprint
 from ssl_cli.config import (
     ClusterConfig,
@@ -23,6 +24,7 @@ from ssl_cli.config import (
     PseudolabelConfig,
     RetrainConfig,
     SelfTrainConfig,
+    SupervisedConfig,
     ToyDataConfig,
     format_validation_error,
 )
@@ -47,6 +49,7 @@ from ssl_cli.stages import (
     retrain,
     self_train,
     toy_data,
+    train,
 )
 
 COMMANDS: dict[str, tuple[type, Any]] = {
@@ -59,7 +62,11 @@ COMMANDS: dict[str, tuple[type, Any]] = {
     "retrain": (RetrainConfig, retrain),
     "finetune": (FinetuneConfig, finetune),
     "self-train": (SelfTrainConfig, self_train),
+    "train": (SupervisedConfig, train),
 }
+
+
+RUNNING = "{target} is being run by process {pid}; wait for it or choose another stages file"
 
 
 @dataclass
@@ -153,10 +160,22 @@ def plan(stages_file: Path, until: str | None = None, force: list[str] | None = 
             for step in make_plan(spec, stages_file.parent, until, force or [])]
 
 
+def claim_run(stages_file: Path) -> None:
+    """One `ssl run` of a stages file at a time: hold `<stages file>.lock` until the outermost
+    `claim_scope()` ends. Taken before planning: a run in progress may be rewriting outputs."""
+    if stages_file.exists():  # a missing file fails in planning, with nothing to protect
+        claim_output(stages_file, RUNNING)
+
+
+@claim_scope()
 def execute(stages_file: Path, until: str | None = None, force: list[str] | None = None,
             reporter: Reporter | None = None, on_result: Callable[[StageResult], None] | None = None) -> list[StageResult]:
     """Run the plan in order. Each stage is re-planned just before it runs, since upstream stages
-    have only now written its inputs."""
+    have only now written its inputs.
+
+    Each stage claims its own output as when it is started on its own; the claims last until the
+    whole run ends (see `artifacts.lock`)."""
+    claim_run(stages_file)
     reporter = reporter or SilentReporter()
     spec = load_pipeline(stages_file)
     base = stages_file.parent

@@ -19,7 +19,7 @@ INPUT_FIELDS = ("data", "model", "weights", "features", "clusters", "labels", "t
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cmd: Literal["toy-data", "pack", "pretext", "extract", "cluster", "pseudolabel", "retrain", "finetune",
-                 "self-train"]
+                 "self-train", "train"]
     params: dict[str, Any] = Field(default_factory=dict)
 
     def output(self) -> str:

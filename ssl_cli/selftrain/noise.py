@@ -1,4 +1,4 @@
-"""The noise a Noisy Student learns under: input noise (RandAugment on top of crops and flips) and
+"""The noise a Noisy Student learns under: input noise (RandAugment on top of shifts, crops and flips) and
 model noise (dropout before the classifier's linear layers, stochastic depth in ResNets).
 
 Model noise is added with hooks and module attributes, never new parameters, so the student's
@@ -11,23 +11,30 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+from PIL import Image
 from torch import nn
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import stochastic_depth
 
-from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ssl_cli.data.resized import to_uint8
 
 
-def student_transform(size: int, min_scale: float, flip: bool, ops: int, magnitude: int) -> Callable:
-    """PIL image -> (3, size, size) normalised tensor: random resized crop, flip, RandAugment(ops, magnitude)."""
-    steps: list = [T.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)]
-    if flip:
-        steps.append(T.RandomHorizontalFlip())
-    if ops:
-        steps.append(T.RandAugment(num_ops=ops, magnitude=magnitude))
-    steps += [T.ToTensor(), T.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))]
-    return T.Compose(steps)
+def student_transform(size: int, ops: int, magnitude: int) -> Callable:
+    """PIL image -> (3, size, size) uint8 tensor at the training size, RandAugment(ops, magnitude) applied
+    when ops > 0. Crops, shifts, flips and normalisation follow on the device, batched
+    (`data.batch_augment.BatchAugment`), as in every other training stage."""
+    randaugment = T.RandAugment(num_ops=ops, magnitude=magnitude) if ops else None
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = TF.center_crop(TF.resize(image, size, antialias=True), size)
+        return to_uint8(randaugment(image) if randaugment else image, size)
+
+    return transform
 
 
 def add_noise(model: nn.Module, dropout: float, depth_drop: float) -> dict[str, int]:

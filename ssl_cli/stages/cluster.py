@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
+from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.outputs import plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans, use_faiss_gpu
@@ -33,6 +34,7 @@ def provenance(cfg: ClusterConfig) -> Provenance:
         return provenance_for(cfg, features)
 
 
+@claim_scope()  # the output stays locked at least until run returns (see artifacts.lock)
 def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
@@ -48,7 +50,7 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
         with reporter.progress("preprocess (PCA-whiten, L2)", total=None):
             chunk = chunk_rows_for(features, cfg.chunk_rows)
             pca = fit_pca_streamed(features, cfg.pca_dim, cfg.pca_sample, cfg.seed, chunk) if cfg.pca_dim else None
-            x = reduce_streamed(features, pca, chunk, check=pca is None)
+            x = reduce_streamed(features, pca, chunk)
         device = resolve_device(cfg.device) if cfg.backend == "torch" else None
         group = distributed.setup(device.type) if cfg.backend == "torch" else distributed.ProcessGroup()
         if group.active and device.type == "cuda":

@@ -20,6 +20,7 @@ import torch
 import torchvision
 
 from ssl_cli.artifacts.checkpoint import load_checkpoint
+from ssl_cli.artifacts.lock import claim_output, claim_scope
 from ssl_cli.artifacts.outputs import artifact_fingerprint
 from ssl_cli.errors import UserError
 from ssl_cli.stages import StageResult
@@ -28,9 +29,11 @@ FORMATS = ("torchvision", "safetensors")
 STOCK_ARCHS = ("alexnet", "vgg16", "vgg16_bn", "resnet18", "resnet50")
 
 
+@claim_scope()
 def run(checkpoint: Path, fmt: str, out: Path, force: bool = False) -> StageResult:
     """Export `checkpoint`'s model state dict to `out` in `fmt`; never writes a bad export."""
     checkpoint, out = Path(checkpoint), Path(out)
+    claim_output(out)  # one writer per output (see artifacts.lock)
     _check_request(fmt, out, force)
     data = load_checkpoint(checkpoint)
     arch, num_classes, input_size = _describe(data["meta"], checkpoint)

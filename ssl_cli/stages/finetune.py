@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from ssl_cli.artifacts.lock import claim_output, claim_scope
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.config import FinetuneConfig
 from ssl_cli.data.dataset import SourceDataset
-from ssl_cli.data.labelled import LabelledDataset, train_transform
+from ssl_cli.data.resized import ResizedImages
 from ssl_cli.data.sources import ImageSource, open_source, source_input
 from ssl_cli.data.transforms import eval_transform
 from ssl_cli.device import autocast, prepare_module, resolve_device, to_device
@@ -35,9 +37,9 @@ from ssl_cli.models.network import Network, network_from_checkpoint
 from ssl_cli.models.registry import build_model, check_layer
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
-from ssl_cli.stages.pretext import train_options
 from ssl_cli.train import distributed
 from ssl_cli.train.loop import train
+from ssl_cli.train.recipe import batch_augment, train_options
 
 
 def eval_source_spec(data: str, eval_data: str | None, flag: str = "--data") -> str:
@@ -185,6 +187,7 @@ def recorded_fingerprint(cfg: FinetuneConfig) -> str | None:
     return json.loads(metrics_file.read_text()).get("fingerprint") if metrics_file.exists() else None
 
 
+@claim_scope()
 def run(cfg: FinetuneConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     network = network_from_checkpoint(cfg.model)
@@ -198,6 +201,7 @@ def run(cfg: FinetuneConfig, reporter: Reporter | None = None) -> StageResult:
     for layer in layers:
         check_layer(network.spec, layer)
     provenance = provenance_for(cfg, network, source, evaluation)
+    claim_output(cfg.out)  # one writer per folder, rank 0 under torchrun (see artifacts.lock)
     metrics_file = cfg.out / "metrics.json"
     if cfg.out.exists() and not cfg.out.is_dir():
         raise UserError(f"--out {cfg.out} is a file; finetune writes a folder (metrics.json and checkpoints)")
@@ -232,8 +236,10 @@ def run(cfg: FinetuneConfig, reporter: Reporter | None = None) -> StageResult:
 def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, classes, layers, device, provenance,
                     reporter) -> dict[str, Any]:
     size = cfg.image_size or network.input_size
-    dataset = LabelledDataset(source, chosen, source.targets[chosen],
-                              train_transform(size, 0.5, True, 0.0, 0.0), cfg.seed)
+    dataset = ResizedImages(source, chosen, source.targets[chosen].astype(np.int64), size)
+    options = train_options(cfg, len(chosen))
+    if dataset.in_memory:
+        options = replace(options, workers=0)
     if cfg.mode == "linear":
         model: nn.Module = LinearProbe(network, layers, classes, cfg.linear_dims)
     else:
@@ -242,7 +248,8 @@ def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, clas
     def step(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
         out = module(inputs)
         out = out if isinstance(out, dict) else {"logits": out}
-        loss = sum(nn.functional.cross_entropy(logits, targets) for logits in out.values())
+        loss = sum(nn.functional.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+                   for logits in out.values())
         accuracy = float(np.mean([(o.argmax(1) == targets).float().mean().item() for o in out.values()]))
         return loss, accuracy
 
@@ -252,8 +259,11 @@ def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, clas
         return {"meta": {**described, "task": f"finetune-{cfg.mode}", "classes": classes}, "model": state}
 
     out = cfg.out / ("finetuned.pt" if cfg.mode == "full" else "linear.pt")
-    train(model, dataset, step, train_options(cfg), out, provenance, final_payload, force=cfg.force,
-          reporter=reporter)
+    normalise = "lightness" if network.input_mode == "lightness" else \
+        "per_image" if network.per_image_normalise else "mean_std"
+    augment = batch_augment(cfg, size, network.mean, network.std, normalise)
+    train(model, dataset, step, options, out, provenance, final_payload, force=cfg.force, reporter=reporter,
+          batch_transform=augment)
     trained = torch.load(out, weights_only=True)["model"]
     if cfg.mode == "full":
         model.load_state_dict(trained)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ssl_cli.artifacts.h5 import RowWriter
+from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.outputs import OutputState, plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.config import PackConfig
@@ -24,6 +25,7 @@ def provenance(cfg: PackConfig) -> Provenance:
     return provenance_for(cfg, open_source(cfg.data))
 
 
+@claim_scope()  # the output stays locked at least until run returns (see artifacts.lock)
 def run(cfg: PackConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     source = open_source(cfg.data)

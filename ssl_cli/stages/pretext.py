@@ -23,7 +23,8 @@ from ssl_cli.pretext.dataset import PretextDataset
 from ssl_cli.pretext.registry import task_class
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
-from ssl_cli.train.loop import TrainOptions, metrics_path, train
+from ssl_cli.train.loop import metrics_path, train
+from ssl_cli.train.recipe import epochs_for, train_options
 
 # Tasks whose trunk saw each tile/patch normalised on its own; extraction does the same per image.
 PER_IMAGE_NORMALISED = frozenset({"jigsaw", "jigsawpp", "context"})
@@ -44,13 +45,6 @@ def make_task(cfg: PretextConfig) -> PretextTask:
 
 def arch_kwargs(cfg: PretextConfig) -> dict[str, Any]:
     return {"width": cfg.width} if cfg.width is not None else {}
-
-
-def train_options(cfg) -> TrainOptions:
-    return TrainOptions(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
-                        momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
-                        schedule=cfg.schedule, seed=cfg.seed, deterministic=cfg.deterministic, device=cfg.device,
-                        workers=cfg.workers, progress=cfg.progress)
 
 
 def provenance(cfg: PretextConfig):
@@ -93,10 +87,11 @@ def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
             "head": model.head.state_dict(),
         }
 
-    result = train(network, PretextDataset(source, task, cfg.seed), step, train_options(cfg), cfg.out, record,
+    dataset = PretextDataset(source, task, cfg.seed)
+    result = train(network, dataset, step, train_options(cfg, len(dataset)), cfg.out, record,
                    final_payload, force=cfg.force, reporter=reporter)
     last = result.history[-1] if result.history else {}
-    summary = {"task": cfg.task, "arch": cfg.arch, "epochs": cfg.epochs, "loss": last.get("loss"),
+    summary = {"task": cfg.task, "arch": cfg.arch, "epochs": epochs_for(cfg, len(dataset)), "loss": last.get("loss"),
                "accuracy": last.get("accuracy"), "images_per_second": last.get("images_per_second"),
                "metrics": str(metrics_path(cfg.out)), "skipped": len(result.skipped)}
     return StageResult("pretext", cfg.out, result.status, {k: v for k, v in summary.items() if v is not None})

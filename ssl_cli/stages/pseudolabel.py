@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from ssl_cli.artifacts.h5 import H5Artifact, RowWriter
+from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.outputs import OutputState, plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids
 from ssl_cli.clustering.metrics import cluster_quality
-from ssl_cli.clustering.preprocess import preprocess
-from ssl_cli.clustering.stream import check_finite, chunk_rows_for, pca_from_artifact
+from ssl_cli.clustering.stream import chunk_rows_for, pca_from_artifact, preprocessed_blocks
 from ssl_cli.config import PseudolabelConfig
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
@@ -25,6 +25,7 @@ COLUMNS = {"sample_ids": ((), str), "labels": ((), np.int64), "distance": ((), n
            "confidence": ((), np.float32), "targets": ((), np.int64)}
 
 
+@claim_scope()  # the output stays locked at least until run returns (see artifacts.lock)
 def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     with H5Artifact(cfg.clusters, "clusters", required=("centroids",)) as clusters, \
@@ -56,7 +57,7 @@ def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult
         writer.set_attrs(metrics=quality or {})
         rows = writer.rows_done
         writer.commit()
-    summary = {"rows": rows, "k": len(centroids), "used_clusters": int(len(np.unique(labels))),
+    summary = {"rows": rows, "k": len(centroids), "used_clusters": int(np.count_nonzero(np.bincount(labels, minlength=len(centroids)))),
                "metrics": quality, "resumed": resumed}
     return StageResult("pseudolabel", cfg.out, "resumed" if resumed else "written", summary)
 
@@ -87,16 +88,16 @@ def label_rows(features: H5Artifact, centroids: np.ndarray, pca, writer: RowWrit
     """Label rows from `writer.rows_done` on; each chunk is appended whole, so a kill resumes cleanly."""
     n = features.rows("features")
     targets = features["targets"] if "targets" in features else None
-    ids = features["sample_ids"].asstr()
+    # The ids go from file to file as the UTF-8 bytes HDF5 holds: decoding and re-encoding them
+    # cost as much as reading and normalising the features.
+    ids = features["sample_ids"]
     with reporter.progress("pseudolabel", total=n, completed=writer.rows_done) as advance:
-        for offset, block in features.iter_rows("features", chunk_rows, start=writer.rows_done):
-            block = block.astype(np.float32, copy=False)
-            check_finite(block, offset, features)
-            distances, nearest = nearest_centroids(preprocess(block, pca), centroids, min(2, len(centroids)), "faiss")
+        for offset, block in preprocessed_blocks(features, pca, chunk_rows, start=writer.rows_done):
+            distances, nearest = nearest_centroids(block, centroids, min(2, len(centroids)), "faiss")
             second = distances[:, 1] if distances.shape[1] > 1 else distances[:, 0]
             end = offset + len(block)
             writer.append(
-                sample_ids=np.asarray(ids[offset:end], dtype=object), labels=nearest[:, 0],
+                sample_ids=ids[offset:end], labels=nearest[:, 0],
                 distance=distances[:, 0], confidence=(second - distances[:, 0]).astype(np.float32),
                 targets=targets[offset:end] if targets is not None else np.full(len(block), -1, np.int64),
             )

@@ -6,6 +6,7 @@ The labels may come from clusters fitted on another dataset; they join `--data` 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -15,15 +16,15 @@ from torch import nn
 from ssl_cli.artifacts.h5 import H5Artifact
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.config import RetrainConfig
-from ssl_cli.data.labelled import LabelledDataset, join_by_id, train_transform
+from ssl_cli.data.labelled import join_by_id
+from ssl_cli.data.resized import ResizedImages
 from ssl_cli.data.sources import open_source, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ssl_cli.errors import UserError
 from ssl_cli.models.registry import build_model, get_arch
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
-from ssl_cli.stages.pretext import train_options
 from ssl_cli.train.loop import metrics_path, train
+from ssl_cli.train.recipe import batch_augment, classification_step, train_options, training_size
 
 
 def read_labels(cfg: RetrainConfig) -> tuple[np.ndarray, np.ndarray, int, dict[str, str]]:
@@ -53,23 +54,19 @@ def run(cfg: RetrainConfig, reporter: Reporter | None = None) -> StageResult:
     ids, labels, classes, record = read_labels(cfg)
     indices = join_by_id(source, ids, str(cfg.labels))
     spec = get_arch(cfg.arch)
-    size = cfg.image_size or spec.input_size
-    if size < spec.min_input_size:
-        raise UserError(f"--image-size {size} is too small for {cfg.arch} (minimum {spec.min_input_size})")
+    size = training_size(spec, source, cfg.image_size)
     record_all = provenance_for(cfg, source, record)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, **arch_kwargs(cfg, classes))
-    transform = train_transform(size, cfg.min_scale, cfg.flip, cfg.grayscale_prob, cfg.color_jitter)
-    dataset = LabelledDataset(source, indices, labels, transform, cfg.seed)
+    dataset = ResizedImages(source, indices, labels, size)  # position p: image indices[p], label labels[p]
+    options = train_options(cfg, len(dataset))
+    if dataset.in_memory:
+        options = replace(options, workers=0)
     weights = None
     if cfg.sampling == "uniform":
         counts = np.bincount(labels, minlength=classes)
         weights = torch.from_numpy(1.0 / counts[labels]).double()
-
-    def step(network: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
-        output = network(inputs)
-        return nn.functional.cross_entropy(output, targets), (output.argmax(1) == targets).float().mean().item()
 
     def final_payload(network: nn.Module) -> dict[str, Any]:
         return {"meta": {"arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg, classes), "input_size": size,
@@ -77,8 +74,9 @@ def run(cfg: RetrainConfig, reporter: Reporter | None = None) -> StageResult:
                          "classes": classes, "feature_layer": spec.feature_layer},
                 "model": network.state_dict()}
 
-    result = train(model, dataset, step, train_options(cfg), cfg.out, record_all, final_payload, force=cfg.force,
-                   reporter=reporter, sample_weights=weights)
+    result = train(model, dataset, classification_step(cfg.label_smoothing), options, cfg.out, record_all,
+                   final_payload, force=cfg.force, reporter=reporter, sample_weights=weights,
+                   batch_transform=batch_augment(cfg, size, IMAGENET_MEAN, IMAGENET_STD))
     last = result.history[-1] if result.history else {}
     summary = {"arch": cfg.arch, "classes": classes, "images": len(indices), "sampling": cfg.sampling,
                "loss": last.get("loss"), "accuracy": last.get("accuracy"),

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ssl_cli.artifacts.checkpoint import load_checkpoint
+from ssl_cli.artifacts.lock import claim_output, claim_scope
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.config import SelfTrainConfig
 from ssl_cli.data.sources import ImageSource, open_source, source_input
@@ -39,9 +40,9 @@ from ssl_cli.selftrain.mixed import MixedDataset
 from ssl_cli.selftrain.noise import add_noise, student_transform
 from ssl_cli.stages import StageResult
 from ssl_cli.stages.finetune import embed, eval_source_spec, few_labels, labelled_source, scores
-from ssl_cli.stages.pretext import train_options
 from ssl_cli.train import distributed
 from ssl_cli.train.loop import train
+from ssl_cli.train.recipe import batch_augment, train_options, training_size
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,12 @@ def prepare(cfg: SelfTrainConfig) -> Prepared:
     arch = cfg.arch or (teacher_arch.name if teacher_arch else None)
     if arch is None:
         raise UserError("give --arch (trained on the labelled images in round 0) or --teacher CKPT")
-    first = None if teacher_arch else make_arch(arch, cfg.width, classes, cfg.image_size)
+    first = None if teacher_arch else make_arch(arch, cfg.width, classes, cfg.image_size, labelled)
     student_name = cfg.student_arch or arch
     width = cfg.student_width or cfg.width
     if width is None and teacher_arch and student_name == teacher_arch.name:
         width = teacher_arch.kwargs.get("width")
-    student = make_arch(student_name, width, classes, cfg.image_size)
+    student = make_arch(student_name, width, classes, cfg.image_size, labelled)
     teacher = teacher_arch or first
     student_size, teacher_size = student.parameters(), teacher.parameters()
     if student_size < teacher_size:
@@ -120,11 +121,8 @@ def given_teacher(cfg: SelfTrainConfig, classes: int) -> Arch:
     return Arch(meta["arch"], dict(meta.get("arch_kwargs", {})), int(meta["input_size"]))
 
 
-def make_arch(name: str, width: float | None, classes: int, image_size: int | None) -> Arch:
-    spec = get_arch(name)
-    size = image_size or spec.input_size
-    if size < spec.min_input_size:
-        raise UserError(f"--image-size {size} is too small for {name} (minimum {spec.min_input_size})")
+def make_arch(name: str, width: float | None, classes: int, image_size: int | None, source: ImageSource) -> Arch:
+    size = training_size(get_arch(name), source, image_size)
     return Arch(name, {"num_classes": classes, **({"width": width} if width is not None else {})}, size)
 
 
@@ -148,6 +146,7 @@ def recorded_fingerprint(cfg: SelfTrainConfig) -> str | None:
     return json.loads(summary.read_text()).get("fingerprint") if summary.exists() else None
 
 
+@claim_scope()
 def run(cfg: SelfTrainConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     if distributed.launched_world()[1] > 1:
@@ -157,6 +156,7 @@ def run(cfg: SelfTrainConfig, reporter: Reporter | None = None) -> StageResult:
         raise UserError(f"--out {cfg.out} is a file; self-train writes a folder of rounds")
     prepared = prepare(cfg)
     whole = provenance(cfg, prepared)
+    claim_output(cfg.out)  # one writer per folder (see artifacts.lock)
     if recorded_fingerprint(cfg) == whole.fingerprint and not cfg.force:
         reporter.info(f"{cfg.out} is up to date; skipped")
         return StageResult("self-train", cfg.out, "up to date", summary_of(cfg, read_json(cfg.out / "summary.json")))
@@ -213,7 +213,12 @@ def train_student(prepared: Prepared, r: int, arch: Arch, pseudo, out: Path, pro
         torch.manual_seed(seed)
         model = build_model(arch.name, **arch.kwargs)
     noise = add_noise(model, cfg.dropout, cfg.stochastic_depth)
-    transform = student_transform(arch.size, cfg.min_scale, cfg.flip, cfg.randaugment_ops, cfg.randaugment_magnitude)
+    transform = student_transform(arch.size, cfg.randaugment_ops, cfg.randaugment_magnitude)
+    augment = batch_augment(cfg, arch.size, IMAGENET_MEAN, IMAGENET_STD)
+
+    def augment_groups(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, 1+r, 3, H, W) uint8 -> the same shape, augmented and normalised as one batch."""
+        return augment(images.flatten(0, 1), generator).view(images.shape)
     labels = prepared.labelled.targets[prepared.chosen].astype(np.int64)
     if pseudo is None:
         dataset = MixedDataset(prepared.labelled, prepared.chosen, labels, None, np.empty(0, np.int64),
@@ -247,7 +252,8 @@ def train_student(prepared: Prepared, r: int, arch: Arch, pseudo, out: Path, pro
                          "feature_layer": spec.feature_layer, "noise": noise},
                 "model": network.state_dict()}
 
-    train(model, dataset, step, replace(train_options(cfg), seed=seed), out, provenance, final_payload, force=cfg.force, reporter=reporter)
+    train(model, dataset, step, replace(train_options(cfg, len(dataset)), seed=seed), out, provenance, final_payload,
+          force=cfg.force, reporter=reporter, batch_transform=augment_groups)
 
 
 def evaluated(prepared: Prepared, r: int, checkpoint: Path, extra: dict[str, Any], reporter: Reporter) -> dict[str, Any]:

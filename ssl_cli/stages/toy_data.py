@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ssl_cli.artifacts.lock import claim_output, claim_scope
 from ssl_cli.config import ToyDataConfig
 from ssl_cli.data.toy import write_toy_folder
 from ssl_cli.errors import UserError
@@ -14,9 +15,11 @@ from ssl_cli.stages import StageResult
 MANIFEST = "toy-data.json"
 
 
+@claim_scope()
 def run(cfg: ToyDataConfig, force: bool = False, reporter: Reporter | None = None) -> StageResult:
     """Write cfg.n images; a re-run resumes (PNGs already there are kept, each written atomically)."""
     reporter = reporter or SilentReporter()
+    claim_output(cfg.out)  # one writer per folder (see artifacts.lock)
     params = cfg.model_dump(mode="json", exclude={"out"})
     manifest = cfg.out / MANIFEST
     if cfg.out.exists() and not cfg.out.is_dir():

@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader
 
 from ssl_cli.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from ssl_cli.artifacts.h5 import partial_path
+from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.outputs import OutputState, plan_output
 from ssl_cli.artifacts.schema import Provenance
+from ssl_cli.data.batch_augment import step_generator
 from ssl_cli.device import autocast, resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
@@ -44,7 +46,7 @@ class TrainOptions:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | onecycle | constant
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
@@ -66,6 +68,8 @@ class TrainDataset(Protocol):
 
 # (model, inputs, targets) -> (loss, accuracy in [0, 1] or None)
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, float | None]"]
+# (inputs on the device, generator seeded by (seed, epoch, step)) -> inputs the step sees
+BatchTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass
@@ -127,10 +131,15 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+@claim_scope()  # `out` stays locked at least until the final checkpoint is renamed into place
 def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainOptions, out: Path,
           provenance: Provenance, final_payload: Callable[[nn.Module], dict[str, Any]], force: bool = False,
-          reporter: Reporter | None = None, sample_weights: torch.Tensor | None = None) -> TrainResult:
-    """Train `model` on `dataset`; write `out` (via `final_payload(model)`) when all epochs are done."""
+          reporter: Reporter | None = None, sample_weights: torch.Tensor | None = None,
+          batch_transform: BatchTransform | None = None) -> TrainResult:
+    """Train `model` on `dataset`; write `out` (via `final_payload(model)`) when all epochs are done.
+
+    `batch_transform` (batched augmentation on the device) gets a generator seeded by the step, so a
+    resumed run replays it exactly."""
     reporter = reporter or SilentReporter()
     plan = plan_output(out, provenance.fingerprint, force)
     if plan.up_to_date:
@@ -196,6 +205,9 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                         param_group["lr"] = lr
                     inputs = inputs.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
+                    if batch_transform is not None:
+                        inputs = batch_transform(inputs, step_generator(options.seed + group.rank, epoch, batch_index,
+                                                                        device))
                     with autocast(device):
                         loss, accuracy = step(trained, inputs, targets)
                     if not torch.isfinite(loss):

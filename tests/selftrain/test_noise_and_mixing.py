@@ -46,11 +46,13 @@ def test_dropout_layers_of_alexnet_take_the_students_rate():
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3, 0.3]
 
 
-def test_randaugment_output_is_a_normalised_tensor_of_the_crop_size(toy_dir):
+def test_randaugment_output_is_an_image_tensor_of_the_training_size(toy_dir):
     image = open_source(str(toy_dir)).load(0)
     torch.manual_seed(0)
-    tensor = student_transform(24, 0.5, True, ops=2, magnitude=9)(image)
-    assert tensor.shape == (3, 24, 24) and tensor.dtype == torch.float32
+    tensor = student_transform(24, ops=2, magnitude=9)(image)
+    assert tensor.shape == (3, 24, 24) and tensor.dtype == torch.uint8
+    plain = student_transform(24, ops=0, magnitude=9)(image)
+    assert not torch.equal(tensor, plain)  # RandAugment changed the pixels
 
 
 def _mixed(toy_dir, ratio: int, pseudo: int = 40, seed: int = 0) -> MixedDataset:
@@ -59,7 +61,7 @@ def _mixed(toy_dir, ratio: int, pseudo: int = 40, seed: int = 0) -> MixedDataset
     rows = np.arange(10, 10 + pseudo)
     targets = np.eye(4, dtype=np.float32)[source.targets[rows]]
     return MixedDataset(source, labelled, source.targets[labelled], source, rows, targets, 4, ratio,
-                        student_transform(32, 0.5, True, 2, 9), seed)
+                        student_transform(32, 2, 9), seed)
 
 
 def test_every_group_is_one_labelled_image_then_ratio_pseudo_labelled_ones(toy_dir):

@@ -16,7 +16,7 @@ from ssl_cli.data.sources import open_source
 from ssl_cli.errors import UserError
 from ssl_cli.stages import retrain
 
-ARGS = ["--arch", "alexnet_lowres", "--width", "0.25", "--image-size", "32", "--batch-size", "16", "--lr", "0.02",
+ARGS = ["--arch", "alexnet_bn_lowres", "--width", "0.25", "--image-size", "32", "--batch-size", "16",
         "--workers", "0", "--device", "cpu", "--no-progress", "--deterministic"]
 
 
@@ -26,12 +26,16 @@ def cli(*args):
 
 def test_retrain_learns_the_pseudo_labels_and_feeds_extract(toy_dir, labels_h5, tmp_path):
     out = tmp_path / "student.pt"
-    result = cli("retrain", "--labels", labels_h5, "--data", toy_dir, "--out", out, "--epochs", "3",
+    result = cli("retrain", "--labels", labels_h5, "--data", toy_dir, "--out", out, "--epochs", "6",
                  "--sampling", "uniform", *ARGS)
     assert result.exit_code == 0, result.output
     data = torch.load(out, weights_only=True)
     assert data["meta"]["arch_kwargs"]["num_classes"] == 4 and data["meta"]["task"] == "retrain"
     assert data["model"]["classifier.6.weight"].shape[0] == 4
+    # it learns: the student predicts the pseudo-labels of its (augmented) training images far above
+    # chance (0.25); measured 0.79 after 6 epochs
+    history = data["meta"]["history"]
+    assert history[-1]["accuracy"] >= 0.6 and history[-1]["loss"] < history[0]["loss"], history
     features = tmp_path / "student.h5"
     result = cli("extract", "--model", out, "--data", toy_dir, "--out", features, "--workers", "0", "--no-progress")
     assert result.exit_code == 0, result.output
@@ -50,8 +54,8 @@ def test_ids_join_by_name_and_mismatches_name_examples_and_counts(toy_dir):
 
 def test_interrupted_retrain_resumes_to_identical_weights(toy_dir, labels_h5, tmp_path, monkeypatch):
     def config(out: Path) -> RetrainConfig:
-        return RetrainConfig(labels=labels_h5, data=str(toy_dir), arch="alexnet_lowres", width=0.25, image_size=32,
-                             batch_size=16, lr=0.02, epochs=3, workers=0, device="cpu", progress=False,
+        return RetrainConfig(labels=labels_h5, data=str(toy_dir), arch="alexnet_bn_lowres", width=0.25, image_size=32,
+                             batch_size=16, epochs=3, workers=0, device="cpu", progress=False,
                              deterministic=True, out=out)
 
     reference = torch.load(retrain.run(config(tmp_path / "a.pt")).out, weights_only=True)["model"]
