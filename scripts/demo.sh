@@ -5,6 +5,11 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
 ssl run stages.yaml
+# pictures: the clusters (one row each, the images nearest the centroid) and the training curves
+ssl gallery runs/toy/clusters.h5 --data runs/toy/images --per-cluster 8 --out runs/toy/gallery.png --force
+ssl plot runs/toy/pretext.metrics.jsonl runs/toy/student.metrics.jsonl runs/toy/self-train/round-*/student.metrics.jsonl \
+    --metrics loss,accuracy,lr --out runs/toy/curves.png --force
+echo "pictures: runs/toy/gallery.png (clusters) and runs/toy/curves.png (training curves)"
 python - <<'PY'
 import json, h5py
 from rich.console import Console

@@ -13,7 +13,7 @@
 #                  stages under torchrun, and faiss k-means uses every GPU
 # Every stage is resumable and skips work that is up to date: after a failure or a kill, run the same
 # command again. Sizes can be changed through the environment (defaults are the paper's where it has one):
-#   DEEP_ARCH=vgg16 SHALLOW_ARCH=alexnet IMAGE_SIZE=225 SHALLOW_SIZE=224 K=2000 PCA_DIM=256
+#   DEEP_ARCH=vgg16 SHALLOW_ARCH=alexnet IMAGE_SIZE=225 SHALLOW_SIZE=224 K=2000 PCA_DIM=auto (256 at K >= 129)
 #   PRETEXT_EPOCHS=70 RETRAIN_EPOCHS=90 FINETUNE_EPOCHS=30 LINEAR_EPOCHS=30 BATCH=256 WORKERS=8
 #   FEATURE_LAYER=conv5 POOL_SIZE=3 LR=0.01 LABELS_PER_CLASS= (empty: all labels) SSL="python -m ssl_cli"
 set -euo pipefail
@@ -25,7 +25,7 @@ parse_args "$0" "data labelled out" "eval-data gpus" -- "$@"
 
 DEEP_ARCH="${DEEP_ARCH:-vgg16}" SHALLOW_ARCH="${SHALLOW_ARCH:-alexnet}"
 IMAGE_SIZE="${IMAGE_SIZE:-225}" SHALLOW_SIZE="${SHALLOW_SIZE:-224}"
-K="${K:-2000}" PCA_DIM="${PCA_DIM:-256}" FEATURE_LAYER="${FEATURE_LAYER:-conv5}" POOL_SIZE="${POOL_SIZE:-3}"
+K="${K:-2000}" PCA_DIM="${PCA_DIM:-auto}" FEATURE_LAYER="${FEATURE_LAYER:-conv5}" POOL_SIZE="${POOL_SIZE:-3}"
 PRETEXT_EPOCHS="${PRETEXT_EPOCHS:-70}" RETRAIN_EPOCHS="${RETRAIN_EPOCHS:-90}"
 FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-30}" LINEAR_EPOCHS="${LINEAR_EPOCHS:-30}"
 BATCH="${BATCH:-256}" WORKERS="${WORKERS:-8}" LR="${LR:-0.01}" LABELS_PER_CLASS="${LABELS_PER_CLASS:-}"

@@ -164,6 +164,7 @@ def extract(
     pool: Annotated[Optional[str], typer.Option("--pool", help=describe(ExtractConfig, "pool") + ": avg, max or none", show_default=False)] = None,
     pool_size: Annotated[Optional[int], typer.Option("--pool-size", help=describe(ExtractConfig, "pool_size"), show_default=False)] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help=describe(ExtractConfig, "image_size"), show_default=False)] = None,
+    width: Width = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help=describe(ExtractConfig, "dtype") + ": float32 or float16", show_default=False)] = None,
     batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
     force: Force = None, progress: Progress = None, config: ConfigFile = None,
@@ -173,8 +174,8 @@ def extract(
 
     cfg = resolve(ExtractConfig, config, {
         "data": data, "out": out, "model": model, "arch": arch, "weights": weights, "layer": layer, "pool": pool,
-        "pool_size": pool_size, "image_size": image_size, "dtype": dtype, "batch_size": batch_size, "seed": seed,
-        "device": device, "workers": workers, "force": force, "progress": progress})
+        "pool_size": pool_size, "image_size": image_size, "width": width, "dtype": dtype, "batch_size": batch_size,
+        "seed": seed, "device": device, "workers": workers, "force": force, "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
 
 
@@ -183,7 +184,7 @@ def cluster(
     features: Annotated[Optional[Path], typer.Option("--features", help="features.h5 from `ssl extract`", show_default=False)] = None,
     k: Annotated[Optional[int], typer.Option("--k", help=describe(ClusterConfig, "k"), show_default=False)] = None,
     out: Out = None,
-    pca_dim: Annotated[Optional[int], typer.Option("--pca-dim", help=describe(ClusterConfig, "pca_dim"), show_default=False)] = None,
+    pca_dim: Annotated[Optional[str], typer.Option("--pca-dim", metavar="auto|<int>", help=describe(ClusterConfig, "pca_dim"), show_default=False)] = None,
     pca_sample: Annotated[Optional[int], typer.Option("--pca-sample", help=describe(ClusterConfig, "pca_sample"), show_default=False)] = None,
     niter: Annotated[Optional[int], typer.Option("--niter", help=describe(ClusterConfig, "niter"), show_default=False)] = None,
     max_points_per_centroid: Annotated[Optional[int], typer.Option("--max-points-per-centroid", help=describe(ClusterConfig, "max_points_per_centroid"), show_default=False)] = None,
@@ -251,7 +252,7 @@ def pretext(
     width: Width = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="crop a sample is cut from [default: 225 for jigsaw, else the arch's input size]", show_default=False)] = None,
     permutations: Annotated[Optional[int], typer.Option("--permutations", help="jigsaw: size of the permutation set [1000; jigsawpp 701]", show_default=False)] = None,
-    permutation_file: Annotated[Optional[Path], typer.Option("--permutation-file", help="jigsaw: a set written by `ssl permutations`", show_default=False)] = None,
+    permutation_file: Annotated[Optional[Path], typer.Option("--permutation-file", help="jigsaw: a set written by `ssl permutations` (.json or .npy)", show_default=False)] = None,
     min_hamming: Annotated[Optional[int], typer.Option("--min-hamming", help="jigsaw: required minimum Hamming distance [jigsawpp: 3]", show_default=False)] = None,
     grayscale_prob: Annotated[Optional[float], typer.Option("--grayscale-prob", help="jigsaw: probability of a grey image [0; jigsawpp 0.7]", show_default=False)] = None,
     max_replaced: Annotated[Optional[int], typer.Option("--max-replaced", help="jigsaw: up to this many tiles from another image [0; jigsawpp 2]", show_default=False)] = None,
@@ -478,12 +479,13 @@ def permutations(
     n: Annotated[int, typer.Option("--n", help="number of permutations")] = 1000,
     min_hamming: Annotated[Optional[int], typer.Option("--min-hamming", help="fail unless every pair differs in at least this many positions", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the greedy selection")] = 0,
-    out: Annotated[Path, typer.Option("--out", help="JSON file for --permutation-file")] = Path("permutations.json"),
+    out: Annotated[Path, typer.Option("--out", help="file for --permutation-file: .json (with seed and minimum distance) or .npy (a bare N x 9 array)")] = Path("permutations.json"),
     force: Force = None,
 ) -> None:
     """Choose a jigsaw permutation set greedily for maximal minimum Hamming distance."""
-    from ssl_cli.pretext.permutations import min_pairwise_hamming, save_permutations, select_permutations
+    from ssl_cli.pretext.permutations import check_suffix, min_pairwise_hamming, save_permutations, select_permutations
 
+    check_suffix(out)
     claim_output(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to replace it or choose another --out")

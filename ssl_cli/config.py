@@ -55,15 +55,26 @@ class ExtractConfig(StageConfig):
     pool: Literal["avg", "max", "none"] = Field("avg", description="spatial pooling of conv maps")
     pool_size: int = Field(1, ge=1, le=16, description="conv maps are pooled to pool_size x pool_size")
     image_size: int | None = Field(None, ge=8, le=1024, description="input size for --arch (default: the arch's)")
+    width: float | None = Field(None, gt=0, le=4, description="channel multiplier of a *_lowres alexnet/vgg --arch (default: the arch's)")
     batch_size: int = Field(64, ge=1, le=65536)
     dtype: Literal["float32", "float16"] = Field("float32", description="storage type of the features")
     seed: int = Field(0, description="seed of a randomly initialised --arch")
+
+    def result_config(self) -> dict[str, Any]:
+        # An unset width is left out, so features extracted before --width existed keep their
+        # fingerprint; a set one also enters through the network's arch_kwargs.
+        config = super().result_config()
+        if self.width is None:
+            config.pop("width")
+        return config
 
 
 class ClusterConfig(StageConfig):
     features: Path
     k: int = Field(ge=2, description="number of clusters")
-    pca_dim: int = Field(256, ge=0, description="PCA dimensions, whitened (0 = no PCA)")
+    pca_dim: int | Literal["auto"] = Field(
+        "auto", description="PCA dimensions, whitened, before k-means: auto = 2 x (k - 1) capped at 256, at the "
+        "feature dimension and at a tenth of the PCA rows (bench/pca_default.py); a number fixes it; 0 = no PCA")
     pca_sample: int = Field(100_000, ge=1, description="rows sampled to fit the PCA")
     niter: int = Field(20, ge=1, le=10_000, description="k-means iterations")
     seed: int = Field(0)
@@ -72,6 +83,18 @@ class ClusterConfig(StageConfig):
     gpu: Literal["auto", "on", "off"] = Field("auto", description="faiss on every visible GPU")
     chunk_rows: int | None = Field(None, ge=1, description="rows read from disk at a time (default: 64 MiB of features)")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows"}
+
+    @field_validator("pca_dim", mode="before")
+    @classmethod
+    def _pca_dim(cls, value: Any) -> int | str:
+        # One message for both spellings (a flag arrives as text), instead of one error per union member.
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ValueError("must be auto or a whole number >= 0 (0 = no PCA)")
 
 
 class PseudolabelConfig(StageConfig):

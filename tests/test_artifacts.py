@@ -162,8 +162,10 @@ def test_extract_fingerprint(toy_dir: Path, extract_cfg, tmp_path: Path) -> None
         assert print_of(**display) == base, display
     # settings that change the result
     for change in ({"layer": "conv3"}, {"pool": "max"}, {"pool_size": 2}, {"seed": 1}, {"dtype": "float16"},
-                   {"image_size": 40}, {"arch": "resnet18_lowres", "layer": "layer1"}):
+                   {"image_size": 40}, {"arch": "resnet18_lowres", "layer": "layer1"}, {"width": 0.5}):
         assert print_of(**change) != base, change
+    # --width unset leaves the fingerprint as it was before the option existed
+    assert "width" not in extract_cfg(toy_dir, tmp_path / "f.h5").result_config()
     # the default layer resolved is the same as naming it
     from ssl_cli.models.registry import get_arch
 

@@ -326,6 +326,23 @@ def test_image_size_below_the_arch_minimum(cli, snapshot, toy_dir: Path, tmp_pat
                                           "--image-size", 32, "--workers", 0], "too small", "minimum 63")
 
 
+@pytest.mark.parametrize("arch, fragments", [
+    ("alexnet", ("--width", "alexnet has no channel multiplier", "drop --width")),
+    ("resnet18_lowres", ("resnet18_lowres", "resnets take no width option")),
+])
+def test_width_for_an_arch_without_one(cli, snapshot, toy_dir: Path, tmp_path: Path, arch: str,
+                                       fragments: tuple[str, ...]) -> None:
+    run_refused(cli, snapshot, tmp_path, ["extract", "--data", toy_dir, "--out", tmp_path / "f.h5", "--arch", arch,
+                                          "--width", 0.5, "--workers", 0], *fragments)
+
+
+def test_width_with_a_model_checkpoint(cli, snapshot, toy_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint records its width: a second one on the command line would contradict it."""
+    run_refused(cli, snapshot, tmp_path, ["extract", "--data", toy_dir, "--out", tmp_path / "f.h5",
+                                          "--model", tmp_path / "student.pt", "--width", 0.5, "--workers", 0],
+                "--model already records", "drop --weights/--image-size/--width")
+
+
 # --- stages.yaml ----------------------------------------------------------------------------------
 
 GOOD_STAGES = """\

@@ -100,6 +100,19 @@ def test_chain_then_inspect_then_up_to_date(cli, tmp_path: Path) -> None:
     assert sorted((p.name, p.stat().st_mtime_ns) for p in toy.rglob("*")) == toy_before
 
 
+def test_extract_an_untrained_thin_net(cli, toy_dir: Path, tmp_path: Path) -> None:
+    """--width reaches build_model without a checkpoint, enters the fingerprint, and is recorded."""
+    common = ["extract", "--data", toy_dir, "--arch", "alexnet_lowres", "--layer", "conv5", "--workers", 0,
+              "--device", "cpu", "--no-progress"]
+    thin, full = tmp_path / "thin.h5", tmp_path / "full.h5"
+    assert cli(*common, "--width", 0.5, "--out", thin).exit_code == 0
+    assert cli(*common, "--out", full).exit_code == 0
+    with h5py.File(thin, "r") as got, h5py.File(full, "r") as wide:
+        assert got["features"].shape[1] == 128 and wide["features"].shape[1] == 256  # conv5: 256 x width channels
+        assert got.attrs["fingerprint"] != wide.attrs["fingerprint"]
+        assert json.loads(got.attrs["config"])["width"] == 0.5
+
+
 def test_inspect_of_a_checkpoint(cli, tmp_path: Path) -> None:
     import torch
 

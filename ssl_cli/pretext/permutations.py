@@ -1,4 +1,5 @@
-"""Jigsaw permutation sets: greedy max-min Hamming selection, and the JSON file `ssl permutations` writes.
+"""Jigsaw permutation sets: greedy max-min Hamming selection, and the file `ssl permutations` writes
+(JSON with the set's provenance, or a bare N x grid^2 numpy array for a `.npy` name).
 
 A permutation is a row of grid x grid cell indices (0..8 for the 3 x 3 jigsaw). Noroozi & Favaro
 (2016) choose the set greedily so that permutations differ in many positions: a network that must
@@ -20,6 +21,7 @@ the same order, so the first k rows of a set of n > k are the set of k.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import math
@@ -32,6 +34,8 @@ import numpy as np
 from ssl_cli.errors import UserError
 
 SCHEMA = "ssl-cli/permutations@1.0"
+SUFFIXES = (".json", ".npy")
+NPY_MAGIC = b"\x93NUMPY"
 GRIDS = (2, 3)  # every permutation of a 4 x 4 grid (16! rows) would not fit in memory
 
 
@@ -146,22 +150,35 @@ def select_permutations(n: int, grid: int = 3, min_hamming: int | None = None, s
     return rows.copy()
 
 
+def check_suffix(path: Path) -> Path:
+    """`path` if it names a format `save_permutations` writes (.json or .npy), else a UserError."""
+    if Path(path).suffix.lower() not in SUFFIXES:
+        raise UserError(f"permutation file {path}: the name must end in .json (the set with its seed and minimum "
+                        "Hamming distance) or .npy (a bare N x 9 numpy array)")
+    return Path(path)
+
+
 def save_permutations(path: Path, perms: np.ndarray, min_hamming_reached: int, seed: int) -> Path:
-    """Write a set as JSON (temporary name, then rename, so a reader never sees half a file)."""
+    """Write a set as JSON, or as a bare (n, grid * grid) int64 array when `path` ends in .npy
+    (temporary name, then rename, so a reader never sees half a file)."""
     perms = np.asarray(perms)
-    grid = math.isqrt(perms.shape[1])
-    document = {"schema": SCHEMA, "grid": grid, "n": int(perms.shape[0]), "min_hamming": int(min_hamming_reached),
-                "seed": int(seed), "permutations": perms.astype(int).tolist()}
-    path = Path(path)
+    path = check_suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, separators=(",", ":")) + "\n")
+    if path.suffix.lower() == ".npy":
+        with open(tmp, "wb") as handle:  # a handle: np.save would append .npy to the temporary name
+            np.save(handle, perms.astype(np.int64), allow_pickle=False)
+    else:
+        document = {"schema": SCHEMA, "grid": math.isqrt(perms.shape[1]), "n": int(perms.shape[0]),
+                    "min_hamming": int(min_hamming_reached), "seed": int(seed), "permutations": perms.astype(int).tolist()}
+        tmp.write_text(json.dumps(document, separators=(",", ":")) + "\n")
     os.replace(tmp, path)
     return path
 
 
 def load_permutations(path: Path | str) -> np.ndarray:
-    """Read a set written by `save_permutations` -> (n, grid * grid) int64, checked row by row.
+    """Read a set written by `save_permutations` (JSON or .npy, told apart by content, not by name)
+    -> (n, grid * grid) int64, checked row by row.
 
     Raises:
         UserError: naming what is wrong with the file and how to get a good one.
@@ -169,11 +186,17 @@ def load_permutations(path: Path | str) -> np.ndarray:
     path = Path(path)
     fix = "write one with `ssl permutations --n N --out FILE`"
     try:
-        document: Any = json.loads(path.read_text())
+        content = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"permutation file {path} does not exist; {fix}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"permutation file {path} is not readable JSON ({error}); {fix}") from None
+    except OSError as error:
+        raise UserError(f"permutation file {path} is not readable ({error}); {fix}") from None
+    if content.startswith(NPY_MAGIC):
+        return _checked_rows(path, _npy_rows(path, content, fix), fix)
+    try:
+        document: Any = json.loads(content.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"permutation file {path} is not readable JSON ({error}) nor a .npy array; {fix}") from None
     if not isinstance(document, dict) or not str(document.get("schema", "")).startswith("ssl-cli/permutations@1."):
         found = document.get("schema") if isinstance(document, dict) else type(document).__name__
         raise UserError(f"permutation file {path} has schema {found!r}, expected {SCHEMA!r}; {fix}")
@@ -190,6 +213,24 @@ def load_permutations(path: Path | str) -> np.ndarray:
     perms = np.asarray(rows, dtype=np.int64)
     if "n" in document and document["n"] != len(perms):
         raise UserError(f"permutation file {path} says n = {document['n']!r} but holds {len(perms)} rows; {fix}")
+    return _checked_rows(path, perms, fix)
+
+
+def _npy_rows(path: Path, content: bytes, fix: str) -> np.ndarray:
+    """A .npy file's (n, grid * grid) integer array as int64; its grid is read from the row length."""
+    try:
+        perms = np.load(io.BytesIO(content), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise UserError(f"permutation file {path} is not a readable .npy array ({error}); {fix}") from None
+    if perms.ndim != 2 or not np.issubdtype(perms.dtype, np.integer) or perms.shape[1] not in [g * g for g in GRIDS]:
+        raise UserError(f"permutation file {path} holds a {perms.dtype} array of shape {perms.shape}; expected "
+                        f"integers, one row of grid x grid cell indices per permutation (N x 9, or N x 4); {fix}")
+    return perms.astype(np.int64)
+
+
+def _checked_rows(path: Path, perms: np.ndarray, fix: str) -> np.ndarray:
+    """perms: (n, grid * grid) int64 -> the same, once every row is a distinct permutation of the cells."""
+    grid = math.isqrt(perms.shape[1])
     if len(perms) < 2:
         raise UserError(f"permutation file {path} holds {len(perms)} permutation; the task needs at least 2; {fix}")
     cells = np.arange(grid * grid)

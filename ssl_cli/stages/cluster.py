@@ -13,6 +13,7 @@ from ssl_cli.artifacts.outputs import plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans, use_faiss_gpu
 from ssl_cli.clustering.metrics import cluster_quality
+from ssl_cli.clustering.preprocess import auto_pca_dim
 from ssl_cli.clustering.stream import chunk_rows_for, fit_pca_streamed, pca_arrays, reduce_streamed
 from ssl_cli.config import ClusterConfig
 from ssl_cli.device import resolve_device
@@ -25,8 +26,22 @@ FEATURE_DATASETS = ("features", "sample_ids")
 
 
 def provenance_for(cfg: ClusterConfig, features: H5Artifact) -> Provenance:
-    return make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), cfg.result_config(),
+    result_config = cfg.result_config()
+    if cfg.pca_dim == "auto":
+        # The dimension auto resolves to is part of the result: a later change of the rule must not
+        # leave an older output looking up to date. An explicit --pca-dim keeps its old fingerprint.
+        result_config["pca_dim_used"] = pca_dim_for(cfg, features)
+    return make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), result_config,
                            [{"path": str(cfg.features), "fingerprint": features.fingerprint}])
+
+
+def pca_dim_for(cfg: ClusterConfig, features: H5Artifact) -> int:
+    """The PCA dimension this run uses (0 = no PCA): --pca-dim, or for auto ``auto_pca_dim`` of k,
+    the rows the PCA is fitted on (min(N, --pca-sample)) and the feature dimension."""
+    if cfg.pca_dim != "auto":
+        return cfg.pca_dim
+    rows, width = features["features"].shape
+    return auto_pca_dim(cfg.k, min(rows, cfg.pca_sample), width)
 
 
 def provenance(cfg: ClusterConfig) -> Provenance:
@@ -47,9 +62,11 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
         if cfg.k > n:
             raise UserError(f"--k {cfg.k} is larger than the {n} feature rows in {cfg.features}; use --k {n} or less")
         began = time.perf_counter()
-        with reporter.progress("preprocess (PCA-whiten, L2)", total=None):
+        pca_dim = pca_dim_for(cfg, features)
+        with reporter.progress(f"preprocess (PCA-whiten to {pca_dim}, L2)" if pca_dim else "preprocess (L2)",
+                               total=None):
             chunk = chunk_rows_for(features, cfg.chunk_rows)
-            pca = fit_pca_streamed(features, cfg.pca_dim, cfg.pca_sample, cfg.seed, chunk) if cfg.pca_dim else None
+            pca = fit_pca_streamed(features, pca_dim, cfg.pca_sample, cfg.seed, chunk) if pca_dim else None
             x = reduce_streamed(features, pca, chunk)
         device = resolve_device(cfg.device) if cfg.backend == "torch" else None
         group = distributed.setup(device.type) if cfg.backend == "torch" else distributed.ProcessGroup()
@@ -74,7 +91,8 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
         quality = cluster_quality(targets, assignments)
         sample_ids = features.strings("sample_ids")
     summary = {
-        "k": cfg.k, "rows": n, "dim": int(x.shape[1]), "empty_clusters": int((sizes == 0).sum()),
+        "k": cfg.k, "rows": n, "dim": int(x.shape[1]), "pca": describe_pca(pca_dim, pca is not None, cfg.pca_dim),
+        "empty_clusters": int((sizes == 0).sum()),
         "objective": result.objective[-1] if result.objective else None,
         "largest_cluster": int(sizes.max()), "seconds": round(seconds, 3), "metrics": quality,
     }
@@ -84,7 +102,7 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
         "distances": distances[:, 0], "sample_ids": sample_ids, "targets": targets, **pca_arrays(pca),
     }, attrs={"k": cfg.k, "n_empty": summary["empty_clusters"], "n_empty_splits": result.n_empty_splits,
               "backend": cfg.backend, "gpu": bool(on_gpu), "metrics": quality or {}, "seconds": seconds,
-              "ranks": group.world})
+              "ranks": group.world, "pca_dim_used": pca_dim, "pca_whitened": pca is not None})
     distributed.barrier(group)
     distributed.teardown(group)
     return StageResult("cluster", out, "written", summary)
@@ -93,5 +111,24 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
 def summary_of(path) -> dict:
     with H5Artifact(path, "clusters", required=("centroids",)) as clusters:
         attrs = clusters.attrs
-        return {"k": attrs["k"], "rows": clusters.rows("assignments"), "empty_clusters": attrs["n_empty"],
-                "metrics": attrs.get("metrics") or None}
+        pca_dim, whitened = pca_used(clusters)
+        return {"k": attrs["k"], "rows": clusters.rows("assignments"),
+                "pca": describe_pca(pca_dim, whitened, (attrs.get("config") or {}).get("pca_dim")),
+                "empty_clusters": attrs["n_empty"], "metrics": attrs.get("metrics") or None}
+
+
+def pca_used(clusters: H5Artifact) -> tuple[int, bool]:
+    """(PCA dimension, whitened) of a clusters file; files written before the `pca_dim_used`
+    attribute existed always whitened, and their dimension is that of the stored projection."""
+    attrs = clusters.attrs
+    if "pca_dim_used" in attrs:
+        return int(attrs["pca_dim_used"]), bool(attrs["pca_whitened"])
+    dim = int(clusters["pca_components"].shape[0]) if "pca_components" in clusters else 0
+    return dim, dim > 0
+
+
+def describe_pca(dim: int, whitened: bool, requested: int | str | None) -> str:
+    """'10, whitened (auto)', '32, whitened' or 'none' for the result summary."""
+    if not dim:
+        return "none"
+    return f"{dim}{', whitened' if whitened else ''}{' (auto)' if requested == 'auto' else ''}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from ssl_cli.device import autocast, prepare_module, resolve_device, to_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import LayerReader
 from ssl_cli.models.network import Network, network_from_arch, network_from_checkpoint
-from ssl_cli.models.registry import check_layer
+from ssl_cli.models.registry import check_layer, get_arch
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 
@@ -35,10 +36,21 @@ def load_network(cfg: ExtractConfig) -> Network:
     if (cfg.model is None) == (cfg.arch is None):
         raise UserError("give exactly one of --model CKPT (a trained network) or --arch NAME")
     if cfg.model is not None:
-        if cfg.weights is not None or cfg.image_size is not None:
-            raise UserError("--model already records its weights and input size; drop --weights/--image-size")
+        if cfg.weights is not None or cfg.image_size is not None or cfg.width is not None:
+            raise UserError("--model already records its weights, input size and width; "
+                            "drop --weights/--image-size/--width")
         return network_from_checkpoint(cfg.model)
-    return network_from_arch(cfg.arch, cfg.weights, cfg.image_size, cfg.seed)
+    return network_from_arch(cfg.arch, cfg.weights, cfg.image_size, cfg.seed, arch_kwargs(cfg.arch, cfg.width))
+
+
+def arch_kwargs(arch: str, width: float | None) -> dict[str, float]:
+    """--width for the archs with a channel multiplier, passed to build_model as retrain does."""
+    if width is None:
+        return {}
+    if "width" not in inspect.signature(get_arch(arch).build).parameters:
+        raise UserError(f"--width: {arch} has no channel multiplier (the *_lowres alexnet and vgg archs have one, "
+                        "see `ssl archs`); drop --width")
+    return {"width": width}
 
 
 @dataclass

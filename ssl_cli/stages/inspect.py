@@ -21,8 +21,20 @@ def run(path: Path) -> dict[str, Any]:
     if not is_hdf5:
         return describe_checkpoint(path)
     info = describe(path)
-    if parse_schema(info["attrs"].get("schema")) is None:
+    schema = parse_schema(info["attrs"].get("schema"))
+    if schema is None:
         raise UserError(f"{path} is an HDF5 file but not an ssl-cli artifact (no schema attribute)")
     if not info["attrs"].get("complete", True):
         info["attrs"]["warning"] = "incomplete"
+    if schema[0] == "clusters" and "pca_dim_used" not in info["attrs"]:
+        add_older_pca(info)
     return info
+
+
+def add_older_pca(info: dict[str, Any]) -> None:
+    """Clusters written before `pca_dim_used` was recorded: the dimension is that of the stored
+    projection (then always whitened), so inspect shows the same two lines for every file."""
+    shapes = {item["name"]: item["shape"] for item in info["datasets"]}
+    dim = int(shapes["pca_components"][0]) if "pca_components" in shapes else 0
+    info["attrs"]["pca_dim_used"] = f"{dim} (from pca_components: an older file without this attribute)"
+    info["attrs"]["pca_whitened"] = dim > 0

@@ -119,6 +119,52 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path, change, fragment):
     assert "ssl permutations" in str(error.value), "the message says how to get a good file"
 
 
+def test_npy_is_a_plain_array_and_loads_like_json(tmp_path: Path):
+    perms = select_permutations(30, seed=2)
+    reached = min_pairwise_hamming(perms)
+    npy = save_permutations(tmp_path / "perms.npy", perms, reached, seed=2)
+    array = np.load(npy)  # plain numpy reads it: no JSON inside a .npy name
+    assert array.shape == (30, 9) and array.dtype == np.int64 and np.array_equal(array, perms)
+    loaded = load_permutations(npy)
+    assert loaded.dtype == np.int64 and np.array_equal(loaded, load_permutations(
+        save_permutations(tmp_path / "perms.json", perms, reached, seed=2)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perms.json", "perms.npy"], "no temporary file left behind"
+    # the content decides, not the name: JSON that an older `ssl permutations --out X.npy` wrote still loads
+    legacy = tmp_path / "legacy.npy"
+    legacy.write_text(json.dumps(GOOD))
+    assert load_permutations(legacy).tolist() == GOOD["permutations"]
+
+
+@pytest.mark.parametrize("array, fragment", [
+    (np.array([[0.0, 1, 2, 3, 4, 5, 6, 7, 8], [1, 0, 2, 3, 4, 5, 6, 7, 8]]), "float64 array"),
+    (np.arange(9), r"shape \(9,\)"),
+    (np.array([[0, 1, 2, 3, 4], [1, 0, 2, 3, 4]]), r"shape \(2, 5\)"),
+    (np.array([[1, 0, 2, 3, 4, 5, 6, 7, 8], [1, 0, 2, 3, 4, 5, 6, 7, 8]]), "row 1 repeats"),
+    (np.array([[0, 1, 2, 3, 4, 5, 6, 7, 9], [1, 0, 2, 3, 4, 5, 6, 7, 8]], dtype=np.int8), "row 0 .* not a permutation"),
+])
+def test_bad_npy_arrays_say_what_is_wrong(tmp_path: Path, array: np.ndarray, fragment: str):
+    path = tmp_path / "perms.npy"
+    np.save(path, array)
+    with pytest.raises(UserError, match=fragment) as error:
+        load_permutations(path)
+    assert "ssl permutations" in str(error.value)
+
+
+def test_cli_writes_json_or_npy_and_refuses_other_names(cli, tmp_path: Path):
+    from ssl_cli.pretext.jigsaw import JigsawTask
+
+    for name in ("p.json", "p.npy"):
+        result = cli("permutations", "--n", 10, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        task = JigsawTask(image_size=48, permutation_file=tmp_path / name)
+        assert np.array_equal(task.permutations, select_permutations(10))
+    assert np.load(tmp_path / "p.npy").shape == (10, 9)
+    result = cli("permutations", "--n", 10, "--out", tmp_path / "p.txt")
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert result.output.startswith("error: ") and ".json" in result.output and ".npy" in result.output
+    assert not (tmp_path / "p.txt").exists()
+
+
 def test_missing_and_garbled_files(tmp_path: Path):
     with pytest.raises(UserError, match="does not exist"):
         load_permutations(tmp_path / "nope.json")
