@@ -9,8 +9,10 @@ files it writes. Two baselines are measured in the same run:
   speed     the tool's loop against a bare PyTorch loop on the same model (alexnet_bn_lowres at its
             defaults), batch and batched augmentation: images/s of both, and their ratio.
 
-Results go to WORK/results.json after every row, so an interrupted run continues where it stopped
-(an interrupted `ssl train` resumes from its own .partial); re-running prints the table again.
+Results go to bench/recipes.results.json (committed, with the 1-minute load average when each row
+started: these figures were taken on a shared 2-core machine) after every row, so an interrupted
+run continues where it stopped (an interrupted `ssl train` resumes from its own .partial under
+--work); re-running prints the table again.
 
     python bench/recipes.py                       # the 100-labels-per-class ablation (~30 min on 2 idle cores)
     python bench/recipes.py --all-labels          # plus the all-labels rows (~10 min each)
@@ -258,14 +260,16 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-recipes"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-recipes"), help="run folders")
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("recipes.results.json"),
+                        help="the rows measured so far (rows already there are not run again)")
     parser.add_argument("--rows", help="comma-separated row names (or slugs) to run; default: all")
     parser.add_argument("--all-labels", action="store_true", help="also the all-labels rows")
     parser.add_argument("--quick", action="store_true", help="1 epoch per row: checks the mechanics")
     parser.add_argument("--speed-steps", type=int, default=150)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    store = args.work / "results.json"
+    store = args.results
     results = json.loads(store.read_text()) if store.exists() else {}
     rows = ROWS + (ALL_LABEL_ROWS if args.all_labels else [])
     wanted = set(args.rows.split(",")) if args.rows else None
@@ -286,7 +290,8 @@ def main() -> None:
         if name in results:
             continue
         print(f"running {name} ...", flush=True)
-        results[name] = job()
+        load = os.getloadavg()[0]
+        results[name] = {**job(), "load_average_at_start": round(load, 2), "cpus": os.cpu_count()}
         store.write_text(json.dumps(results, indent=1))
         if name == "speed":
             print(f"  loop/bare images/s: {results[name]['ratio']:.2f}", flush=True)

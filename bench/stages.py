@@ -19,7 +19,7 @@ process on the same data (machines are noisy: the ratios are what we report):
   5 peak RSS      ru_maxrss of extract and of pseudolabel, each in a fresh interpreter, at N and 4N
                   rows (target: flat, ratio ~1.0)
 
-    python bench/stages.py                   # default sizes, ~4 minutes on 2 cores
+    python bench/stages.py                   # default sizes, ~9 minutes on 2 quiet cores
     python bench/stages.py --quick           # smaller sizes, ~1 minute
     python bench/stages.py --n 200000 --json stages.json
 """

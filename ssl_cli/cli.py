@@ -365,6 +365,7 @@ def finetune(
     layers: Annotated[Optional[str], typer.Option("--layers", help="comma-separated layers: linear probes them all at once, knn reads the first [default: conv layers / the feature layer]", show_default=False)] = None,
     freeze_through: Annotated[Optional[str], typer.Option("--freeze-through", help="full: keep this layer and the earlier ones fixed", show_default=False)] = None,
     labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", help="deterministic subset of N labelled images per class (by --seed)", show_default=False)] = None,
+    linear_norm: Annotated[Optional[bool], typer.Option("--linear-norm/--no-linear-norm", help="linear: standardise each pooled value before its classifier, so small-activation layers are probed fairly [default: on]", show_default=False)] = None,
     knn_k: Annotated[Optional[int], typer.Option("--knn-k", help="knn: neighbours that vote [default: 20]", show_default=False)] = None,
     knn_temperature: Annotated[Optional[float], typer.Option("--knn-temperature", help="knn: votes weighted by exp(cos/T) [default: 0.07]", show_default=False)] = None,
     epochs: Epochs = None,
@@ -388,7 +389,8 @@ def finetune(
     cfg = resolve(FinetuneConfig, config, {
         "model": model, "data": data, "eval_data": eval_data, "mode": mode, "out": out,
         "layers": layers.split(",") if layers else None, "freeze_through": freeze_through,
-        "labels_per_class": labels_per_class, "knn_k": knn_k, "knn_temperature": knn_temperature, "epochs": epochs,
+        "labels_per_class": labels_per_class, "linear_norm": linear_norm, "knn_k": knn_k,
+        "knn_temperature": knn_temperature, "epochs": epochs,
         "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "schedule": schedule, "min_scale": min_scale,
         "shift": shift, "flip": flip, "label_smoothing": label_smoothing, "deterministic": deterministic, "image_size": image_size,
         "batch_size": batch_size, "seed": seed, "device": device, "workers": workers, "force": force,

@@ -238,6 +238,9 @@ class FinetuneConfig(ClassifierTrainConfig):
     freeze_through: str | None = Field(None, description="full: keep this layer and every earlier one fixed")
     labels_per_class: int | None = Field(None, ge=1, description="train on a deterministic subset of N images per class")
     linear_dims: int = Field(9216, ge=16, description="linear: conv maps are average-pooled to at most this many values")
+    linear_norm: bool = Field(True, description="linear: standardise every pooled value before its classifier (a batch "
+                              "norm without scale or shift, as in MAE's linear probe), so a layer whose activations are "
+                              "20x smaller is probed as well at the same learning rate")
     knn_k: int = Field(20, ge=1, description="knn: neighbours that vote")
     knn_temperature: float = Field(0.07, gt=0, description="knn: votes weighted by exp(cosine / T)")
     image_size: int | None = Field(None, ge=16, le=1024, description="default: the checkpoint's input size")

@@ -112,10 +112,12 @@ _ALEXNET_BN_LAYERS = {
 }
 
 
-def _alexnet_bn_lowres(num_classes: int = 1000, dropout: float = 0.5, width: float = 0.25, fc_width: int = 512) -> nn.Module:
+def _alexnet_bn_lowres(num_classes: int = 1000, dropout: float = 0.0, width: float = 0.25, fc_width: int = 512) -> nn.Module:
     """alexnet_lowres with batch norm after every conv (the AlexNet of DeepCluster): each conv layer
     keeps learning at the rates that train small images fast. Default width 0.25 (16-48-96-64-64
-    channels, about 9M multiply-adds at 28 px): bench/recipes.py's pick for 28-32 px on a CPU."""
+    channels, about 9M multiply-adds at 28 px) and no dropout: bench/recipes.py's picks for 28-32 px
+    on a CPU (dropout 0.5 cost 0.5 points at 100 labels per class). The Dropout modules stay, so
+    `ssl self-train --dropout` can still noise a student."""
     c1, c2, c3, c4, c5 = (max(8, int(round(c * width))) for c in (64, 192, 384, 256, 256))
 
     def conv(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:

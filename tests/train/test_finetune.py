@@ -71,6 +71,37 @@ def test_linear_probes_every_layer_in_one_pass_and_beat_chance(toy_dir, eval_dir
     assert (out / "linear.pt").exists()
 
 
+def test_standardised_probes_read_the_small_activations_of_deep_layers(toy_dir, eval_dir, random_alexnet, tmp_path):
+    """Without batch norm, alexnet_lowres' conv5 varies ~20x less across images than conv1: a raw linear
+    probe trained for a few steps stays near chance there (the demo's conv4-5), a standardised one does not."""
+    top1 = {}
+    for flag in ("--linear-norm", "--no-linear-norm"):
+        out = tmp_path / flag
+        result = cli("finetune", "--model", random_alexnet, "--data", toy_dir, "--eval-data", eval_dir, "--mode",
+                     "linear", "--layers", "conv5", "--epochs", "3", flag, "--out", out, *COMMON)
+        assert result.exit_code == 0, result.output
+        top1[flag] = report(out)["layers"]["conv5"]["top1"]
+    assert top1["--linear-norm"] > 0.8 and top1["--linear-norm"] > top1["--no-linear-norm"] + 0.2, top1
+
+
+def test_probe_statistics_average_every_batch_seen():
+    """A probe trains for a few dozen steps: its running statistics are the plain average of the batches
+    seen (an exponential average would still be mostly its initial variance of 1 after 24 steps)."""
+    from ssl_cli.models.network import network_from_arch
+    from ssl_cli.stages.finetune import LinearProbe
+
+    network = network_from_arch("alexnet_lowres", None, 32, 0, {"width": 0.25})
+    probe = LinearProbe(network, ["conv5"], classes=4, max_dims=9216).train()
+    norm = probe.heads["conv5"][0]
+    pooled = []
+    norm.register_forward_hook(lambda module, inputs, output: pooled.append(inputs[0]))
+    with torch.no_grad():
+        for seed in (0, 1):
+            probe(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+    torch.testing.assert_close(norm.running_mean, (pooled[0].mean(0) + pooled[1].mean(0)) / 2)
+    torch.testing.assert_close(norm.running_var, (pooled[0].var(0) + pooled[1].var(0)) / 2)
+
+
 def test_full_finetuning_writes_a_checkpoint_with_a_fresh_classifier(toy_dir, eval_dir, random_alexnet, tmp_path):
     out = tmp_path / "full"
     result = cli("finetune", "--model", random_alexnet, "--data", toy_dir, "--eval-data", eval_dir, "--mode", "full",
