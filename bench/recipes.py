@@ -46,10 +46,8 @@ class Row:
 
 ROWS = [  # in the order they run: the rows that decide a default first
     Row("defaults", ""),
-    Row("dropout 0", "--dropout 0"),
-    Row("width 0.5", "--width 0.5"),
+    Row("dropout 0.5", "--dropout 0.5"),
     Row("100 epochs", "--epochs 100"),
-    Row("dropout 0, 100 epochs", "--dropout 0 --epochs 100"),
     Row("image 32 px (upsampled)", "--image-size 32"),
     Row("noise: RandAugment 2x9 + dropout 0.5 + crop 0.2 (Noisy Student)",
         "--randaugment-ops 2 --randaugment-magnitude 9 --dropout 0.5 --min-scale 0.2", command="self-train"),
@@ -64,6 +62,7 @@ ROWS = [  # in the order they run: the rows that decide a default first
     Row("crop min-scale 0.6", "--min-scale 0.6"),
     Row("no batch norm (alexnet_lowres w0.25)", "--arch alexnet_lowres --width 0.25"),
     Row("vgg16_bn_lowres w0.25", "--arch vgg16_bn_lowres --width 0.25"),
+    Row("width 0.5", "--width 0.5"),
     Row("width 1.0", "--width 1.0"),
     Row("30 epochs", "--epochs 30"),
 ]

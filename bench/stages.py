@@ -237,7 +237,8 @@ def cluster_rows(folder: Path, n: int, d: int, k: int, niter: int, repeats: int,
     bare = seconds["faiss"]
     # faiss.Kmeans.train returns centroids, not assignments: the stage's one search of every row
     # against the final centroids (its `assignments`, `distances`) is an iteration bare faiss skips.
-    search = interleaved_best({"search": lambda: trained[-1].index.search(x, 1)}, repeats, "cluster assign")["search"]
+    search = interleaved_best({"search": lambda: trained[-1].index.search(x, 1)}, repeats,
+                              "cluster assign")["search"]
     clusters = stage(pca_dim=0).out  # kept for pseudolabel; untimed
     pca_dim = 256 if d >= 256 else d // 2
     pca_seconds, _ = timed(lambda: stage(pca_dim=pca_dim))

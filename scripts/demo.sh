@@ -33,6 +33,6 @@ for column in ("layer", "top-1", "top-5"):
 for layer, scores in report["layers"].items():
     probes.add_row(layer, f"{scores['top1']:.3f}", f"{scores['top5']:.3f}")
 Console().print(probes)
-print("probes standardise their inputs (finetune --linear-norm): this student has no batch norm and its conv5 "
-      "varies ~20x less across images than conv1, which kept raw probes at chance on conv4-5")
+print("probes standardise their inputs (finetune --linear-norm): without it, a student without batch norm "
+      "(alexnet_lowres) left conv4-5 probes at chance because conv5 varies ~20x less across images than conv1")
 PY

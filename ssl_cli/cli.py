@@ -485,7 +485,12 @@ def permutations(
     force: Force = None,
 ) -> None:
     """Choose a jigsaw permutation set greedily for maximal minimum Hamming distance."""
-    from ssl_cli.pretext.permutations import check_suffix, min_pairwise_hamming, save_permutations, select_permutations
+    from ssl_cli.pretext.permutations import (
+        check_suffix,
+        min_pairwise_hamming,
+        save_permutations,
+        select_permutations,
+    )
 
     check_suffix(out)
     claim_output(out)

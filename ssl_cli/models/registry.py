@@ -85,6 +85,17 @@ def _alexnet(num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
     return tvm.alexnet(weights=None, num_classes=num_classes, dropout=dropout)
 
 
+def _lowres_alexnet_head(model: nn.Module, channels: int, fc_width: int, num_classes: int, dropout: float) -> nn.Module:
+    """The lowres AlexNets' head: conv maps pooled to 2x2, then fc6, fc7 (`fc_width` wide) and the logits."""
+    model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+    model.classifier = nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(channels * 4, fc_width), nn.ReLU(inplace=True),
+        nn.Dropout(dropout), nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True),
+        nn.Linear(fc_width, num_classes),
+    )
+    return model
+
+
 def _alexnet_lowres(num_classes: int = 1000, dropout: float = 0.5, width: float = 1.0, fc_width: int = 1024) -> nn.Module:
     """AlexNet for 32-64 px: 5x5 stride-1 conv1, the same 13-module `features` layout."""
     c1, c2, c3, c4, c5 = (max(8, int(round(c * width))) for c in (64, 192, 384, 256, 256))
@@ -96,13 +107,7 @@ def _alexnet_lowres(num_classes: int = 1000, dropout: float = 0.5, width: float 
         nn.Conv2d(c3, c4, 3, padding=1), nn.ReLU(inplace=True),
         nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
     )
-    model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-    model.classifier = nn.Sequential(
-        nn.Dropout(dropout), nn.Linear(c5 * 4, fc_width), nn.ReLU(inplace=True),
-        nn.Dropout(dropout), nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True),
-        nn.Linear(fc_width, num_classes),
-    )
-    return model
+    return _lowres_alexnet_head(model, c5, fc_width, num_classes, dropout)
 
 
 _ALEXNET_BN_LAYERS = {
@@ -130,13 +135,7 @@ def _alexnet_bn_lowres(num_classes: int = 1000, dropout: float = 0.0, width: flo
         *conv(c1, c2, 5), nn.MaxPool2d(3, 2),
         *conv(c2, c3, 3), *conv(c3, c4, 3), *conv(c4, c5, 3), nn.MaxPool2d(3, 2),
     )
-    model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-    model.classifier = nn.Sequential(
-        nn.Dropout(dropout), nn.Linear(c5 * 4, fc_width), nn.ReLU(inplace=True),
-        nn.Dropout(dropout), nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True),
-        nn.Linear(fc_width, num_classes),
-    )
-    return model
+    return _lowres_alexnet_head(model, c5, fc_width, num_classes, dropout)
 
 
 # --- VGG -----------------------------------------------------------------------------------------
