@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -250,8 +249,6 @@ def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, clas
     size = cfg.image_size or network.input_size
     dataset = ResizedImages(source, chosen, source.targets[chosen].astype(np.int64), size)
     options = train_options(cfg, len(chosen))
-    if dataset.in_memory:
-        options = replace(options, workers=0)
     if cfg.mode == "linear":
         if cfg.linear_norm and options.batch_size < 2:
             raise UserError("--linear-norm standardises over a batch: use --batch-size 2 or more, or --no-linear-norm")

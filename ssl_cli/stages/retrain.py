@@ -6,7 +6,6 @@ The labels may come from clusters fitted on another dataset; they join `--data` 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -61,8 +60,6 @@ def run(cfg: RetrainConfig, reporter: Reporter | None = None) -> StageResult:
         model = build_model(cfg.arch, **arch_kwargs(cfg, classes))
     dataset = ResizedImages(source, indices, labels, size)  # position p: image indices[p], label labels[p]
     options = train_options(cfg, len(dataset))
-    if dataset.in_memory:
-        options = replace(options, workers=0)
     weights = None
     if cfg.sampling == "uniform":
         counts = np.bincount(labels, minlength=classes)

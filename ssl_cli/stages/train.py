@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +84,6 @@ def run(cfg: SupervisedConfig, reporter: Reporter | None = None) -> StageResult:
         model = build_model(cfg.arch, **kwargs)
     dataset = ResizedImages(source, chosen, source.targets[chosen].astype(np.int64), size)
     options = train_options(cfg, len(chosen))
-    if dataset.in_memory:  # indexing a tensor: worker processes would only add copies
-        options = replace(options, workers=0)
 
     def final_payload(network) -> dict[str, Any]:
         return {"meta": {"arch": cfg.arch, "arch_kwargs": kwargs, "input_size": size, "mean": list(IMAGENET_MEAN),

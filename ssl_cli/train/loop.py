@@ -188,8 +188,9 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
             dataset.set_epoch(epoch)
             sampler = EpochSampler(len(dataset), options.seed, epoch, group.rank, group.world,
                                    start=start_step * options.batch_size, weights=sample_weights)
+            # a dataset held in memory is indexed, not decoded: worker processes would only add copies
             loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, drop_last=True,
-                                num_workers=options.workers, pin_memory=device.type == "cuda",
+                                num_workers=0 if getattr(dataset, "in_memory", False) else options.workers, pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(options.seed))
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, n with accuracy
             if start_step and state["sums"] is not None:
