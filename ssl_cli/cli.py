@@ -237,7 +237,7 @@ def _task_options(config: Path | None, pairs: list[str] | None, named: dict) -> 
 
 @command()
 def pretext(
-    task: Annotated[Optional[str], typer.Option("--task", help="jigsaw, jigsawpp, rotation, context, colorization, inpainting", show_default=False)] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="handcrafted: jigsaw, jigsawpp, rotation, context, colorization, inpainting; contrastive: simclr, simclr2, moco, moco2, pirl; reconstructive: autoencoder (options: --task-option, listed in the README)", show_default=False)] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="backbone (`ssl archs` lists them)", show_default=False)] = None,
     data: Data = None,
     out: Out = None,
@@ -257,7 +257,9 @@ def pretext(
     grayscale_prob: Annotated[Optional[float], typer.Option("--grayscale-prob", help="jigsaw: probability of a grey image [0; jigsawpp 0.7]", show_default=False)] = None,
     max_replaced: Annotated[Optional[int], typer.Option("--max-replaced", help="jigsaw: up to this many tiles from another image [0; jigsawpp 2]", show_default=False)] = None,
     tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="jigsaw: tile side [64 for 75-px cells]", show_default=False)] = None,
-    task_option: Annotated[Optional[list[str]], typer.Option("--task-option", help="any other task option, KEY=VALUE (repeatable)", show_default=False)] = None,
+    task_option: Annotated[Optional[list[str]], typer.Option("--task-option", help="any other task option, KEY=VALUE (repeatable), e.g. temperature=0.5, views=grey", show_default=False)] = None,
+    monitor_data: Annotated[Optional[str], typer.Option("--monitor-data", help="labelled images (a source, e.g. fashion-mnist:DIR:test): cosine kNN top-1 (k=20) of the trunk's features, in the metrics and the progress output", show_default=False)] = None,
+    monitor_every: Annotated[Optional[int], typer.Option("--monitor-every", help="epochs between kNN measurements (the last epoch is always measured) [default: 1]", show_default=False)] = None,
     batch_size: BatchSize = None, seed: Seed = None, device: Device = None, workers: Workers = None,
     force: Force = None, progress: Progress = None, config: ConfigFile = None,
 ) -> None:
@@ -273,7 +275,7 @@ def pretext(
         "task": task, "arch": arch, "data": data, "out": out, "epochs": epochs, "lr": lr, "optimizer": optimizer,
         "momentum": momentum, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "schedule": schedule,
         "deterministic": deterministic, "width": width, "image_size": image_size, "task_options": options,
-        "batch_size": batch_size, "seed": seed, "device": device, "workers": workers, "force": force,
+        "monitor_data": monitor_data, "monitor_every": monitor_every, "batch_size": batch_size, "seed": seed, "device": device, "workers": workers, "force": force,
         "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
 
@@ -485,7 +487,7 @@ def permutations(
     force: Force = None,
 ) -> None:
     """Choose a jigsaw permutation set greedily for maximal minimum Hamming distance."""
-    from ssl_cli.pretext.permutations import (
+    from ssl_cli.pretext.handcrafted.permutations import (
         check_suffix,
         min_pairwise_hamming,
         save_permutations,

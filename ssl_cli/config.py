@@ -172,7 +172,9 @@ class TrainConfig(StageConfig):
                                description="default: enough to see ~60k images, 10 to 100 epochs (60 for 1,000 images, 10 for 60,000)")
     batch_size: int = Field(64, ge=1, le=65536)
     lr: float = Field(0.002, gt=0, le=10, description="peak learning rate (after warm-up)")
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: Literal["sgd", "adamw", "lars"] = Field(
+        "adamw", description="adamw, sgd, or lars (SimCLR's large-batch SGD: per-layer trust ratio; biases and norm "
+        "parameters get neither it nor weight decay)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.05, ge=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
@@ -192,12 +194,19 @@ class ClassifierTrainConfig(TrainConfig):
 
 
 class PretextConfig(TrainConfig):
-    task: str = Field(description="pretext task: jigsaw, jigsawpp, rotation, context, colorization, inpainting")
+    # the monitor only reads the network: it changes the metrics file, never the weights
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = TrainConfig.DISPLAY_ONLY | {"monitor_data", "monitor_every"}
+
+    task: str = Field(description="pretext task, by family: handcrafted (jigsaw, jigsawpp, rotation, context, "
+                      "colorization, inpainting), contrastive (simclr, simclr2, moco, moco2, pirl), reconstructive "
+                      "(autoencoder)")
     arch: str = Field(description="backbone architecture")
     data: str
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg")
     image_size: int | None = Field(None, ge=16, le=1024, description="side of the square crop a sample is cut from")
     task_options: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
+    monitor_data: str | None = Field(None, description="labelled images for the online kNN monitor (top-1 of trunk features)")
+    monitor_every: int = Field(1, ge=1, description="epochs between two kNN monitor measurements")
 
 
 class RetrainConfig(ClassifierTrainConfig):

@@ -32,7 +32,7 @@ Data = Annotated[Optional[str], typer.Option("--data", help="images: a folder (c
 # Options of the shared training loop (pretext, retrain, finetune).
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="[default: enough to see ~60k images, 10 to 100 epochs: 60 for 1,000 images, 10 for 60,000]", show_default=False)]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate (after warm-up; one-cycle's peak) [default: 0.002]", show_default=False)]
-Optimizer = Annotated[Optional[str], typer.Option("--optimizer", help="adamw or sgd [default: adamw]", show_default=False)]
+Optimizer = Annotated[Optional[str], typer.Option("--optimizer", help="adamw, sgd, or lars (large batches: biases and norm parameters excluded from adaptation and weight decay) [default: adamw]", show_default=False)]
 Momentum = Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum [default: 0.9]", show_default=False)]
 WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="[default: 0.05]", show_default=False)]
 WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="linear warm-up before a cosine or constant schedule (one-cycle has its own) [default: 0]", show_default=False)]

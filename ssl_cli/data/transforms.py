@@ -24,7 +24,7 @@ class LightnessInput:
     def __call__(self, image) -> torch.Tensor:
         import numpy as np
 
-        from ssl_cli.pretext.colorization import lightness_input, rgb_to_lab
+        from ssl_cli.pretext.handcrafted.colorization import lightness_input, rgb_to_lab
 
         return lightness_input(rgb_to_lab(np.asarray(image)))
 

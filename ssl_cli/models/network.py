@@ -14,6 +14,7 @@ from ssl_cli.data.sources import weights_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import load_weights
+from ssl_cli.models.projected import ProjectedNetwork, projected_spec
 from ssl_cli.models.registry import ArchSpec, build_model, get_arch
 
 
@@ -29,10 +30,11 @@ class Network:
     per_image_normalise: bool = False  # the trunk learned on tiles normalised one by one (jigsaw)
     feature_layer: str | None = None  # the layer the training made meaningful (default for extract)
     input_mode: str = "rgb"  # "lightness": the trunk learned on the L channel (colorization)
+    projection: dict[str, int] | None = None  # {"d_in", "width"}: the model is a ProjectedNetwork (SimCLRv2)
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records so the network can be rebuilt with no other flag."""
-        return {
+        described = {
             "arch": self.spec.name,
             "arch_kwargs": dict(self.arch_kwargs),
             "input_size": self.input_size,
@@ -41,6 +43,9 @@ class Network:
             "per_image_normalise": self.per_image_normalise,
             "input_mode": self.input_mode,
         }
+        if self.projection is not None:
+            described["projection"] = {"d_in": self.projection["d_in"], "width": self.projection["width"]}
+        return described
 
 
 def network_from_checkpoint(path: Path) -> Network:
@@ -51,7 +56,11 @@ def network_from_checkpoint(path: Path) -> Network:
             raise UserError(f"{path} does not record '{key}'; it is not a model checkpoint")
     spec = get_arch(meta["arch"])
     model = build_model(spec.name, **meta.get("arch_kwargs", {}))
-    model.load_state_dict(data["model"])
+    projection = meta.get("projection")
+    if projection is not None:  # SimCLRv2: read through the projection head's first block
+        model, spec = projected_network(model, spec, projection, data)
+    else:
+        model.load_state_dict(data["model"])
     return Network(
         model, spec, dict(meta.get("arch_kwargs", {})), int(meta["input_size"]),
         tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD)),
@@ -59,7 +68,23 @@ def network_from_checkpoint(path: Path) -> Network:
         per_image_normalise=bool(meta.get("per_image_normalise", False)),
         feature_layer=meta.get("feature_layer"),
         input_mode=meta.get("input_mode", "rgb"),
+        projection=projection,
     )
+
+
+def projected_network(backbone: nn.Module, spec: ArchSpec, projection: dict[str, Any],
+                      data: dict[str, Any]) -> tuple[ProjectedNetwork, ArchSpec]:
+    """A pretext checkpoint (backbone in "model", the block in "head" under `head_prefix`) or a finetuned one
+    (the whole ProjectedNetwork in "model", with a classifier) -> the network and its layer names."""
+    state = data["model"]
+    classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else None
+    model = ProjectedNetwork(backbone, int(projection["d_in"]), int(projection["width"]), classes)
+    if "head_prefix" in projection:
+        prefix = projection["head_prefix"]
+        state = {f"backbone.{key}": value for key, value in state.items()} | {
+            f"proj1.{key[len(prefix):]}": value for key, value in data["head"].items() if key.startswith(prefix)}
+    model.load_state_dict(state)
+    return model, projected_spec(spec, classes is not None)
 
 
 def network_from_arch(arch: str, weights: Path | None, image_size: int | None, seed: int,

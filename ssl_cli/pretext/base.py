@@ -8,6 +8,15 @@ A task splits into the parts that run in different places:
 - `forward(trunk, head, inputs)` runs on the device with batched tensors;
 - `loss(output, target)` and `accuracy(output, target)` score a batch.
 
+Methods that need more (several views, a momentum encoder, a queue or a memory bank) override the
+hooks below, whose defaults give the handcrafted tasks' behaviour; whatever they keep between steps
+lives in the head (parameters and buffers), so the checkpoint holds it and resume stays exact:
+- `dataset(source, seed)`: what the loop iterates (default: `build_sample` per image in workers);
+- `batch_transform()`: a batched augmentation on the device, e.g. two views per image (default none);
+- `attach(network)`: called once the network exists (a momentum copy of the backbone, say);
+- `objective(head, output, target, context)`: loss and accuracy; gets the batch's dataset indices;
+- `after_step(head, context)`: after each optimizer step (a momentum update).
+
 The backbone is a registry arch (torchvision layout), so after pretext training its state dict
 loads into the same arch for `ssl extract`; only `trunk` (the backbone up to its conv map) is
 trained by a pretext task.
@@ -16,7 +25,7 @@ trained by a pretext task.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +33,11 @@ from PIL import Image
 from torch import nn
 
 from ssl_cli.errors import UserError
+from ssl_cli.models.projected import trunk_map
+
+if TYPE_CHECKING:
+    from ssl_cli.data.sources import ImageSource
+    from ssl_cli.train.loop import BatchTransform, StepContext, TrainDataset
 
 
 @dataclass(frozen=True)
@@ -38,8 +52,11 @@ class PretextTask:
     """Base class. Subclasses set `name`, `min_image_size` and implement the methods below."""
 
     name: str = ""
+    family: ClassVar[str] = "handcrafted"  # handcrafted | contrastive | reconstructive | clustering
     min_image_size: int = 0  # a smaller --image-size cannot hold what the task cuts out
     needs_other_image: bool = False  # jigsaw++ replaces tiles with tiles of a second image
+    per_image_normalise: ClassVar[bool] = False  # the trunk sees tiles normalised one by one (jigsaw, context)
+    input_mode: ClassVar[str] = "rgb"  # "lightness": the trunk sees the L channel (colorization)
 
     def __init__(self, image_size: int, **options: Any):
         self.image_size = image_size
@@ -71,6 +88,31 @@ class PretextTask:
         """Fraction correct in [0, 1], or None for regression tasks."""
         return None
 
+    # --- hooks for methods beyond one sample -> one target (defaults: the handcrafted tasks) ---
+
+    def dataset(self, source: "ImageSource", seed: int) -> "TrainDataset":
+        from ssl_cli.pretext.dataset import PretextDataset
+
+        return PretextDataset(source, self, seed)
+
+    def batch_transform(self) -> "BatchTransform | None":
+        return None
+
+    def attach(self, network: "PretextNetwork") -> None:
+        """Called once, when the network (backbone + head) is built and before it moves to the device."""
+
+    def objective(self, head: nn.Module, output: Any, target: torch.Tensor,
+                  context: "StepContext") -> tuple[torch.Tensor, float | None]:
+        """(loss, accuracy) of a batch; `head` is the task's head (queues and banks live there)."""
+        return self.loss(output, target), self.accuracy(output.detach(), target)
+
+    def after_step(self, network: "PretextNetwork", context: "StepContext") -> None:
+        """Runs after every optimizer step."""
+
+    def meta(self) -> dict[str, Any]:
+        """What the checkpoint records beside the task options (e.g. the default feature layer)."""
+        return {}
+
 
 class ClassificationTask(PretextTask):
     """A task whose output is (B, classes) logits: cross-entropy loss, top-1 accuracy."""
@@ -84,10 +126,7 @@ class ClassificationTask(PretextTask):
 
 def trunk_forward(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, C, h, w): the backbone's last conv map (pool5 for AlexNet/VGG, layer4 for ResNets)."""
-    if hasattr(backbone, "features"):
-        return backbone.features(images)
-    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
-    return backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
+    return trunk_map(backbone, images)
 
 
 class PretextNetwork(nn.Module):
@@ -112,6 +151,7 @@ class PretextNetwork(nn.Module):
             backbone.train(was_training)
         self.trunk_shape = tuple(int(s) for s in shape)
         self.head = task.build_head(self.trunk_shape)
+        task.attach(self)
         # The backbone's own classifier is not part of the trunk: a pretext task never trains it, and
         # DDP refuses parameters that receive no gradient.
         for name in ("classifier", "fc"):
@@ -121,7 +161,7 @@ class PretextNetwork(nn.Module):
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         return trunk_forward(self.backbone, images)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: Any) -> Any:
         return self.task.forward(self.trunk, self.head, inputs)
 
 

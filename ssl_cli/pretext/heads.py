@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_cli.models.projected import projection_block
+
 # Channels of the decoder's hidden layers: enough for 256 ab classes on toy-to-ImageNet sizes.
 DECODER_WIDTH = 128
 
@@ -54,3 +56,37 @@ class UpsamplingDecoder(nn.Module):
 
     def forward(self, trunk_map: torch.Tensor) -> torch.Tensor:
         return resize_bilinear(self.layers(trunk_map), self.out_size)
+
+
+def global_pool(trunk_map: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C): the mean over positions (a mean, not AdaptiveAvgPool2d, whose CUDA
+    backward refuses deterministic mode)."""
+    return trunk_map.mean(dim=(2, 3))
+
+
+class ProjectionMLP(nn.Module):
+    """(B, dims[0]) -> (B, dims[-1]): Linear layers between consecutive dims; every layer but the
+    last is followed by batch norm (when `batch_norm`) and ReLU; `last_norm` adds a batch norm
+    without affine parameters after the last (SimCLRv2's head).
+
+    SimCLR: dims (d, d, 128); SimCLRv2: (d, d, d, 128); MoCo v1: (d, 128); MoCo v2: (d, 2048, 128).
+    `layers[i]` is the i-th block (Linear, [BN], [ReLU]), so a block can be read on its own (SimCLRv2
+    finetunes from the output of the first).
+    """
+
+    def __init__(self, dims: list[int], batch_norm: bool = True, last_norm: bool = False):
+        super().__init__()
+        if len(dims) < 2:
+            raise ValueError(f"a projection needs at least an input and an output size, got {dims}")
+        blocks: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-2], dims[1:-1]):  # hidden blocks: the layout `ProjectedNetwork` reads
+            blocks.append(projection_block(d_in, d_out) if batch_norm
+                          else nn.Sequential(nn.Linear(d_in, d_out), nn.ReLU(inplace=True)))
+        last: list[nn.Module] = [nn.Linear(dims[-2], dims[-1], bias=not last_norm)]
+        if last_norm:
+            last.append(nn.BatchNorm1d(dims[-1], affine=False))
+        blocks.append(nn.Sequential(*last))
+        self.layers = nn.Sequential(*blocks)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)

@@ -1,4 +1,4 @@
-"""Pretext tasks by name; an unknown name lists the valid ones."""
+"""Pretext tasks by name, grouped by the survey's families; an unknown name lists them all by family."""
 
 from __future__ import annotations
 
@@ -7,23 +7,41 @@ import importlib
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.base import PretextTask
 
-# name -> "module:Class", imported on use so a task's dependencies load only when it runs.
-TASKS = {
-    "jigsaw": "ssl_cli.pretext.jigsaw:JigsawTask",
-    "jigsawpp": "ssl_cli.pretext.jigsawpp:JigsawPlusPlusTask",
-    "rotation": "ssl_cli.pretext.rotation:RotationTask",
-    "context": "ssl_cli.pretext.context:ContextTask",
-    "colorization": "ssl_cli.pretext.colorization:ColorizationTask",
-    "inpainting": "ssl_cli.pretext.inpainting:InpaintingTask",
+# family -> name -> "module:Class", imported on use so a task's dependencies load only when it runs.
+FAMILIES = {
+    "handcrafted": {
+        "jigsaw": "ssl_cli.pretext.handcrafted.jigsaw:JigsawTask",
+        "jigsawpp": "ssl_cli.pretext.handcrafted.jigsawpp:JigsawPlusPlusTask",
+        "rotation": "ssl_cli.pretext.handcrafted.rotation:RotationTask",
+        "context": "ssl_cli.pretext.handcrafted.context:ContextTask",
+        "colorization": "ssl_cli.pretext.handcrafted.colorization:ColorizationTask",
+        "inpainting": "ssl_cli.pretext.handcrafted.inpainting:InpaintingTask",
+    },
+    "contrastive": {
+        "simclr": "ssl_cli.pretext.contrastive.simclr:SimCLRTask",
+        "simclr2": "ssl_cli.pretext.contrastive.simclr:SimCLRv2Task",
+        "moco": "ssl_cli.pretext.contrastive.moco:MoCoTask",
+        "moco2": "ssl_cli.pretext.contrastive.moco:MoCoV2Task",
+        "pirl": "ssl_cli.pretext.contrastive.pirl:PIRLTask",
+    },
+    "reconstructive": {
+        "autoencoder": "ssl_cli.pretext.reconstructive.autoencoder:AutoencoderTask",
+    },
 }
+TASKS = {name: path for family in FAMILIES.values() for name, path in family.items()}
 
 
 def task_names() -> list[str]:
     return sorted(TASKS)
 
 
+def tasks_by_family() -> str:
+    """'handcrafted: jigsaw, ...; contrastive: ...' for help texts and errors."""
+    return "; ".join(f"{family}: {', '.join(names)}" for family, names in FAMILIES.items())
+
+
 def task_class(name: str) -> type[PretextTask]:
     if name not in TASKS:
-        raise UserError(f"unknown pretext task {name!r}; valid tasks: {', '.join(task_names())}")
+        raise UserError(f"unknown pretext task {name!r}; valid tasks by family: {tasks_by_family()}")
     module, _, cls = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), cls)

@@ -34,11 +34,12 @@ from ssl_cli.device import autocast, prepare_module, resolve_device, to_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import LayerReader
 from ssl_cli.models.network import Network, network_from_checkpoint
+from ssl_cli.models.projected import ProjectedNetwork
 from ssl_cli.models.registry import build_model, check_layer
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 from ssl_cli.train import distributed
-from ssl_cli.train.loop import train
+from ssl_cli.train.loop import StepContext, train
 from ssl_cli.train.recipe import batch_augment, train_options
 
 
@@ -162,11 +163,15 @@ class LinearProbe(nn.Module):
 
 
 def full_model(network: Network, classes: int, freeze_through: str | None) -> nn.Module:
-    """The checkpoint's arch with `classes` outputs: trunk weights loaded, classifier re-initialised."""
+    """The checkpoint's arch with `classes` outputs: trunk weights loaded, classifier re-initialised.
+    A SimCLRv2 network keeps its projection block (the paper finetunes from proj1)."""
     model = build_model(network.spec.name, **{**network.arch_kwargs, "num_classes": classes})
+    if network.projection is not None:
+        model = ProjectedNetwork(model, network.projection["d_in"], network.projection["width"], classes)
     own = model.state_dict()
     trunk = {k: v for k, v in network.model.state_dict().items()
-             if not k.startswith(("classifier.", "fc.")) and k in own and own[k].shape == v.shape}
+             if not k.startswith(("classifier.", "fc.", "backbone.classifier.", "backbone.fc."))
+             and k in own and own[k].shape == v.shape}
     model.load_state_dict(trunk, strict=False)
     if freeze_through:
         node = check_layer(network.spec, freeze_through)
@@ -256,7 +261,7 @@ def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, clas
     else:
         model = full_model(network, classes, cfg.freeze_through)
 
-    def step(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    def step(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, context: StepContext | None = None):
         out = module(inputs)
         out = out if isinstance(out, dict) else {"logits": out}
         loss = sum(nn.functional.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)

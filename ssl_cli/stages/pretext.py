@@ -1,8 +1,11 @@
-"""`ssl pretext`: a backbone learns a handcrafted pretext task with the shared training loop.
+"""`ssl pretext`: a backbone learns a pretext task (handcrafted, contrastive or reconstructive) with the
+shared training loop.
 
-The checkpoint holds the backbone's state dict in the registry arch's layout (plus the task head),
-and records arch, input size, normalisation, task and task options (the permutation set for
-jigsaw), so `ssl extract --model pretext.pt` needs no other flag.
+The checkpoint holds the backbone's state dict in the registry arch's layout (plus the task head,
+with whatever the method keeps between steps: momentum encoder, queue, memory bank), and records
+arch, input size, normalisation, task and task options (the permutation set for jigsaw), so
+`ssl extract --model pretext.pt` needs no other flag. With `--monitor-data`, a kNN top-1 of the
+trunk's features on labelled images joins the metrics every `--monitor-every` epochs.
 """
 
 from __future__ import annotations
@@ -14,31 +17,34 @@ from torch import nn
 
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.config import PretextConfig
-from ssl_cli.data.sources import open_source, source_input
+from ssl_cli.data.sources import ImageSource, open_source, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.errors import UserError
 from ssl_cli.models.registry import build_model, get_arch
 from ssl_cli.pretext.base import PretextNetwork, PretextTask
-from ssl_cli.pretext.dataset import PretextDataset
 from ssl_cli.pretext.registry import task_class
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
-from ssl_cli.train.loop import metrics_path, train
-from ssl_cli.train.recipe import epochs_for, train_options
-
-# Tasks whose trunk saw each tile/patch normalised on its own; extraction does the same per image.
-PER_IMAGE_NORMALISED = frozenset({"jigsaw", "jigsawpp", "context"})
+from ssl_cli.train.loop import StepContext, metrics_path, train
+from ssl_cli.train.monitor import KnnMonitor
+from ssl_cli.train.recipe import train_options, training_size
 
 
-def make_task(cfg: PretextConfig) -> PretextTask:
-    cls = task_class(cfg.task)
+def image_size(cfg: PretextConfig, cls: type[PretextTask], source: ImageSource) -> int:
+    """Handcrafted defaults: the papers' 225-px crops for jigsaw; for context a crop whose ~S/4 patches
+    the trunk accepts; otherwise the arch's input size. Methods that see whole images (contrastive,
+    reconstructive) train at the images' own size when the arch takes it, like `ssl train`."""
     spec = get_arch(cfg.arch)
-    # Defaults: the papers' 225-px crops for jigsaw; for context a crop whose ~S/4 patches the trunk
-    # accepts; otherwise the arch's own input size.
+    if cls.family != "handcrafted":
+        return training_size(spec, source, cfg.image_size)
     defaults = {"jigsaw": 225, "jigsawpp": 225, "context": max(spec.input_size, 4 * spec.min_input_size + 8)}
-    size = cfg.image_size or defaults.get(cfg.task, spec.input_size)
+    return cfg.image_size or defaults.get(cfg.task, spec.input_size)
+
+
+def make_task(cfg: PretextConfig, source: ImageSource) -> PretextTask:
+    cls = task_class(cfg.task)
     try:
-        return cls(image_size=size, **cfg.task_options)
+        return cls(image_size=image_size(cfg, cls, source), **cfg.task_options)
     except TypeError as error:
         raise UserError(f"task {cfg.task}: bad task option ({error}); see `ssl pretext --help`") from None
 
@@ -49,8 +55,7 @@ def arch_kwargs(cfg: PretextConfig) -> dict[str, Any]:
 
 def provenance(cfg: PretextConfig):
     source = open_source(cfg.data)
-    task = make_task(cfg)
-    return _provenance(cfg, source, task)
+    return _provenance(cfg, source, make_task(cfg, source))
 
 
 def _provenance(cfg: PretextConfig, source, task: PretextTask):
@@ -58,19 +63,39 @@ def _provenance(cfg: PretextConfig, source, task: PretextTask):
                            cfg.result_config() | {"task_info": task.info().options}, [source_input(source)])
 
 
+def normalisation(task: PretextTask) -> str:
+    """How the trunk's inputs were normalised (BatchAugment's `normalise`), for the monitor."""
+    return "lightness" if task.input_mode == "lightness" else "per_image" if task.per_image_normalise else "mean_std"
+
+
+def make_monitor(cfg: PretextConfig, task: PretextTask, network: PretextNetwork, epochs: int):
+    """The epoch-end kNN monitor of --monitor-data (always measured after the last of `epochs`), or None."""
+    if cfg.monitor_data is None:
+        return None
+    monitor = KnnMonitor.from_source(open_source(cfg.monitor_data), task.tile_size(), IMAGENET_MEAN, IMAGENET_STD,
+                                     cfg.monitor_every, normalisation(task), cfg.seed)
+    def epoch_end(epoch: int, model: nn.Module) -> dict[str, float]:
+        if not monitor.due(epoch, epochs):
+            return {}
+        device = next(network.parameters()).device
+        return monitor(network.trunk, network, device)
+
+    return epoch_end
+
+
 def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     source = open_source(cfg.data)
-    task = make_task(cfg)
+    task = make_task(cfg, source)
     record = _provenance(cfg, source, task)
+    dataset = task.dataset(source, cfg.seed)  # first: a method may size its state by it (MoCo's queue)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         backbone = build_model(cfg.arch, **arch_kwargs(cfg))
         network = PretextNetwork(backbone, task)
 
-    def step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
-        output = model(inputs)
-        return task.loss(output, targets), task.accuracy(output.detach(), targets)
+    def step(model: nn.Module, inputs: Any, targets: torch.Tensor, context: StepContext):
+        return task.objective(network.head, model(inputs), targets, context)
 
     def final_payload(model: PretextNetwork) -> dict[str, Any]:
         info = task.info()
@@ -78,20 +103,22 @@ def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
             "meta": {
                 "arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg), "input_size": task.image_size,
                 "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                "per_image_normalise": cfg.task in PER_IMAGE_NORMALISED,
-                "input_mode": "lightness" if cfg.task == "colorization" else "rgb",
+                "per_image_normalise": task.per_image_normalise, "input_mode": task.input_mode,
                 "feature_layer": get_arch(cfg.arch).trunk_layer,
-                "task": info.name, "task_options": info.options, "trunk_shape": list(model.trunk_shape),
+                "task": info.name, "task_family": task.family, "task_options": info.options,
+                "trunk_shape": list(model.trunk_shape), **task.meta(),
             },
             "model": model.backbone.state_dict(),
             "head": model.head.state_dict(),
         }
 
-    dataset = PretextDataset(source, task, cfg.seed)
-    result = train(network, dataset, step, train_options(cfg, len(dataset)), cfg.out, record,
-                   final_payload, force=cfg.force, reporter=reporter)
+    options = train_options(cfg, len(dataset))
+    result = train(network, dataset, step, options, cfg.out, record, final_payload, force=cfg.force, reporter=reporter,
+                   batch_transform=task.batch_transform(), after_step=lambda context: task.after_step(network, context),
+                   epoch_end=make_monitor(cfg, task, network, options.epochs))
     last = result.history[-1] if result.history else {}
-    summary = {"task": cfg.task, "arch": cfg.arch, "epochs": epochs_for(cfg, len(dataset)), "loss": last.get("loss"),
-               "accuracy": last.get("accuracy"), "images_per_second": last.get("images_per_second"),
-               "metrics": str(metrics_path(cfg.out)), "skipped": len(result.skipped)}
+    summary = {"task": cfg.task, "arch": cfg.arch, "epochs": options.epochs, "loss": last.get("loss"),
+               "accuracy": last.get("accuracy"), "knn_top1": last.get("knn_top1"),
+               "images_per_second": last.get("images_per_second"), "metrics": str(metrics_path(cfg.out)),
+               "skipped": len(result.skipped)}
     return StageResult("pretext", cfg.out, result.status, {k: v for k, v in summary.items() if v is not None})

@@ -41,7 +41,7 @@ from ssl_cli.selftrain.noise import add_noise, student_transform
 from ssl_cli.stages import StageResult
 from ssl_cli.stages.finetune import embed, eval_source_spec, few_labels, labelled_source, scores
 from ssl_cli.train import distributed
-from ssl_cli.train.loop import train
+from ssl_cli.train.loop import StepContext, train
 from ssl_cli.train.recipe import batch_augment, train_options, training_size
 
 
@@ -233,7 +233,7 @@ def train_student(prepared: Prepared, r: int, arch: Arch, pseudo, out: Path, pro
                                prepared.classes, cfg.unlabelled_ratio, transform, seed)
     weight = cfg.unlabelled_weight
 
-    def step(network: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+    def step(network: nn.Module, images: torch.Tensor, targets: torch.Tensor, context: StepContext | None = None):
         """images (B, 1+r, 3, H, W), targets (B, 1+r, C); column 0 is the labelled image of each group."""
         batch, group = images.shape[:2]
         logits = network(images.flatten(0, 1)).float().view(batch, group, -1)

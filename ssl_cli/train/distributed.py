@@ -64,3 +64,57 @@ def any_rank(flag: bool, group: ProcessGroup, device: torch.device) -> bool:
 def barrier(group: ProcessGroup) -> None:
     if group.active:
         dist.barrier()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    The gathered tensor feeds the loss on every rank, so this rank's slice has one gradient per
+    rank; its true gradient is their sum. Backward therefore all-reduces (SUM) the full (W*B, ...)
+    gradient and keeps this rank's rows: what reduce-scatter does, in a call gloo supports too.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(pieces, tensor.contiguous())
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        summed = grad_output.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """(B, ...) on each rank -> (W*B, ...): every rank's tensor in rank order, differentiable.
+
+    Gradients flow back to each rank's own slice, summed over the ranks whose loss used it (see
+    `_AllGatherWithGrad`). Every rank must pass the same shape and must run backward, since the
+    backward is a collective too. Identity without an active process group.
+    """
+    if not group.active:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def all_gather_no_grad(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """(B, ...) on each rank -> (W*B, ...) in rank order, detached (e.g. MoCo keys for the queue).
+
+    Every rank must pass the same shape. Identity (detached) without an active process group.
+    """
+    tensor = tensor.detach()
+    if not group.active:
+        return tensor
+    pieces = [torch.empty_like(tensor) for _ in range(group.world)]
+    dist.all_gather(pieces, tensor.contiguous())
+    return torch.cat(pieces)
+
+
+def current_group() -> ProcessGroup:
+    """The process group this process already joined (via `setup`), or the single-process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ProcessGroup()
+    return ProcessGroup(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -33,6 +33,8 @@ from ssl_cli.device import autocast, resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.train import distributed
+from ssl_cli.train.lars import LARS
+from ssl_cli.train.lars import param_groups as lars_param_groups
 from ssl_cli.train.sampler import EpochSampler
 from ssl_cli.train.schedule import learning_rate
 
@@ -42,7 +44,7 @@ class TrainOptions:
     epochs: int
     batch_size: int
     lr: float
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd | adamw | lars
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
@@ -66,10 +68,33 @@ class TrainDataset(Protocol):
     def sample_id(self, index: int) -> str: ...
 
 
-# (model, inputs, targets) -> (loss, accuracy in [0, 1] or None)
-StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, float | None]"]
+@dataclass(frozen=True)
+class StepContext:
+    """Where a step sits in training, for methods that need more than (inputs, targets).
+
+    indices (B,) int64 on the device: the dataset positions of the batch (PIRL's memory bank);
+    step counts from 0 over the whole run, so `progress` runs from 0 to 1 (momentum schedules)."""
+
+    indices: torch.Tensor
+    epoch: int
+    step: int
+    total_steps: int
+    group: distributed.ProcessGroup
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+Inputs = Any  # a tensor, or a list of tensors (the views of a multi-view method)
+# (model, inputs, targets, context) -> (loss, accuracy in [0, 1] or None)
+StepFn = Callable[[nn.Module, Inputs, torch.Tensor, StepContext], "tuple[torch.Tensor, float | None]"]
 # (inputs on the device, generator seeded by (seed, epoch, step)) -> inputs the step sees
-BatchTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+BatchTransform = Callable[[torch.Tensor, torch.Generator], Inputs]
+# called after every optimizer step (momentum encoders)
+AfterStep = Callable[[StepContext], None]
+# (epoch counting from 1, the model) -> extra metrics for that epoch's history row (an online monitor)
+EpochEnd = Callable[[int, nn.Module], "dict[str, float]"]
 
 
 @dataclass
@@ -111,11 +136,13 @@ def stop_on_signal() -> Iterator[threading.Event]:
 
 def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if options.optimizer == "lars":  # biases and norm parameters: no weight decay, no trust ratio (SimCLR)
+        return LARS(lars_param_groups(model, options.weight_decay), lr=options.lr, momentum=options.momentum)
     if options.optimizer == "sgd":
         return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
     if options.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    raise UserError(f"unknown optimizer {options.optimizer!r}; use sgd or adamw")
+    raise UserError(f"unknown optimizer {options.optimizer!r}; use sgd, adamw or lars")
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -135,11 +162,15 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainOptions, out: Path,
           provenance: Provenance, final_payload: Callable[[nn.Module], dict[str, Any]], force: bool = False,
           reporter: Reporter | None = None, sample_weights: torch.Tensor | None = None,
-          batch_transform: BatchTransform | None = None) -> TrainResult:
+          batch_transform: BatchTransform | None = None, after_step: AfterStep | None = None,
+          epoch_end: EpochEnd | None = None) -> TrainResult:
     """Train `model` on `dataset`; write `out` (via `final_payload(model)`) when all epochs are done.
 
     `batch_transform` (batched augmentation on the device) gets a generator seeded by the step, so a
-    resumed run replays it exactly."""
+    resumed run replays it exactly. `after_step` runs after every optimizer step; `epoch_end` adds
+    metrics to an epoch's history row. Whatever a method keeps between steps (a momentum encoder, a
+    queue, a memory bank) must be parameters or buffers of `model`: then the checkpoint holds it and
+    a resumed run continues exactly."""
     reporter = reporter or SilentReporter()
     plan = plan_output(out, provenance.fingerprint, force)
     if plan.up_to_date:
@@ -204,20 +235,24 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                                        options.schedule)
                     for param_group in optimizer.param_groups:
                         param_group["lr"] = lr
-                    inputs = inputs.to(device, non_blocking=True)
+                    inputs = to_device(inputs, device)
                     targets = targets.to(device, non_blocking=True)
                     if batch_transform is not None:
                         inputs = batch_transform(inputs, step_generator(options.seed + group.rank, epoch, batch_index,
                                                                         device))
+                    context = StepContext(indices.to(device), epoch, epoch * steps_per_epoch + batch_index, total_steps,
+                                          group)
                     with autocast(device):
-                        loss, accuracy = step(trained, inputs, targets)
+                        loss, accuracy = step(trained, inputs, targets, context)
                     if not torch.isfinite(loss):
                         raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {batch_index}; "
                                         "lower --lr or add --warmup-epochs")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    n = len(inputs)
+                    if after_step is not None:
+                        after_step(context)
+                    n = len(targets)
                     sums += torch.tensor([loss.item() * n, (accuracy or 0.0) * n, n, n if accuracy is not None else 0],
                                          dtype=torch.float64, device=device)
                     skipped.update(dataset.sample_id(int(i)) for i, good in zip(indices, ok) if not good)
@@ -231,8 +266,11 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
             history.append({"epoch": epoch + 1, "loss": loss_sum / max(count, 1),
                             "accuracy": correct / count_acc if count_acc else None, "lr": lr,
                             "images_per_second": count / max(seconds, 1e-9), "seconds": seconds})
+            extra = epoch_end(epoch + 1, model) if epoch_end is not None else {}
+            history[-1].update(extra)
             reporter.info(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}"
                           + (f", accuracy {history[-1]['accuracy']:.3f}" if count_acc else "")
+                          + "".join(f", {key} {value:.3f}" for key, value in extra.items())
                           + f", {history[-1]['images_per_second']:.0f} img/s")
             save(epoch + 1, 0)
             if group.is_main:
@@ -248,6 +286,13 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
     if skipped:
         reporter.warn(f"{len(skipped)} unreadable image(s) were replaced during training, e.g. {sorted(skipped)[:3]}")
     return TrainResult(out, "resumed" if plan.state is OutputState.RESUME else "written", history, sorted(skipped))
+
+
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """A tensor, or a list/tuple of tensors (several views), moved to `device`."""
+    if isinstance(inputs, (list, tuple)):
+        return [item.to(device, non_blocking=True) for item in inputs]
+    return inputs.to(device, non_blocking=True)
 
 
 def resume_from(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from ssl_cli.data.batch_augment import BatchAugment
 from ssl_cli.data.sources import ImageSource
 from ssl_cli.errors import UserError
 from ssl_cli.models.registry import ArchSpec
-from ssl_cli.train.loop import TrainOptions
+from ssl_cli.train.loop import StepContext, TrainOptions
 
 IMAGES_PER_RUN = 60_000
 MIN_EPOCHS, MAX_EPOCHS = 10, 100
@@ -76,7 +76,7 @@ def batch_augment(cfg: Any, size: int, mean, std, normalise: str = "mean_std") -
 def classification_step(label_smoothing: float):
     """A step for a network that outputs logits (B, C) against int64 targets (B,)."""
 
-    def step(network: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    def step(network: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, context: StepContext | None = None):
         logits = network(inputs)
         loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         return loss, (logits.argmax(1) == targets).float().mean().item()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ssl_cli.data.toy import draw_toy_image
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.colorization import (
+from ssl_cli.pretext.handcrafted.colorization import (
     AB_RANGE,
     ColorizationTask,
     class_centres,

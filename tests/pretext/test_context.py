@@ -11,7 +11,7 @@ from ssl_cli.data.toy import draw_toy_image
 from ssl_cli.errors import UserError
 from ssl_cli.models.registry import build_model
 from ssl_cli.pretext.base import PretextNetwork, per_image_normalise
-from ssl_cli.pretext.context import CENTRE, NEIGHBOURS, ContextTask
+from ssl_cli.pretext.handcrafted.context import CENTRE, NEIGHBOURS, ContextTask
 from ssl_cli.pretext.crops import to_normalised_tensor
 
 

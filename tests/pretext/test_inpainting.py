@@ -10,7 +10,7 @@ from PIL import Image
 from ssl_cli.data.toy import draw_toy_image
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.crops import to_normalised_tensor
-from ssl_cli.pretext.inpainting import InpaintingTask
+from ssl_cli.pretext.handcrafted.inpainting import InpaintingTask
 
 SIZE = 32
 

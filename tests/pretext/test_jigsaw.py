@@ -17,9 +17,9 @@ from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.errors import UserError
 from ssl_cli.models.registry import build_model
 from ssl_cli.pretext.base import PretextNetwork, per_image_normalise
-from ssl_cli.pretext.jigsaw import JigsawTask, random_crop, unshuffle
-from ssl_cli.pretext.jigsawpp import JigsawPlusPlusTask
-from ssl_cli.pretext.permutations import min_pairwise_hamming, save_permutations, select_permutations
+from ssl_cli.pretext.handcrafted.jigsaw import JigsawTask, random_crop, unshuffle
+from ssl_cli.pretext.handcrafted.jigsawpp import JigsawPlusPlusTask
+from ssl_cli.pretext.handcrafted.permutations import min_pairwise_hamming, save_permutations, select_permutations
 from ssl_cli.pretext.registry import task_class
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.permutations import (
+from ssl_cli.pretext.handcrafted.permutations import (
     SCHEMA,
     hamming_matrix,
     load_permutations,
@@ -151,7 +151,7 @@ def test_bad_npy_arrays_say_what_is_wrong(tmp_path: Path, array: np.ndarray, fra
 
 
 def test_cli_writes_json_or_npy_and_refuses_other_names(cli, tmp_path: Path):
-    from ssl_cli.pretext.jigsaw import JigsawTask
+    from ssl_cli.pretext.handcrafted.jigsaw import JigsawTask
 
     for name in ("p.json", "p.npy"):
         result = cli("permutations", "--n", 10, "--out", tmp_path / name)

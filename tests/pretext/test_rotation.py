@@ -11,7 +11,7 @@ from ssl_cli.data.toy import draw_toy_image
 from ssl_cli.data.transforms import eval_transform
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.crops import square_crop, to_normalised_tensor
-from ssl_cli.pretext.rotation import RotationTask, rotate
+from ssl_cli.pretext.handcrafted.rotation import RotationTask, rotate
 
 SIZE = 32
 

@@ -83,6 +83,7 @@ class ContextTask(ClassificationTask):
     """inputs (2, 3, p, p) = (centre patch, neighbour patch); target () int64 = neighbour label 0..7."""
 
     name = "context"
+    per_image_normalise = True
     min_image_size = 3 * (MIN_PATCH_SIZE + 2) + 2  # with the default gap = jitter = 1 at S = 32
 
     def __init__(self, image_size: int, patch_size: int | None = None, gap: int | None = None,

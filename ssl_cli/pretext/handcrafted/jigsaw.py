@@ -52,7 +52,7 @@ from torch import nn
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.base import ClassificationTask, TaskInfo, per_image_normalise
 from ssl_cli.pretext.crops import to_normalised_tensor
-from ssl_cli.pretext.permutations import GRIDS, load_permutations, min_pairwise_hamming, select_permutations
+from ssl_cli.pretext.handcrafted.permutations import GRIDS, load_permutations, min_pairwise_hamming, select_permutations
 
 # The paper's geometry: 256 px short side, 225 px crop, 75 px cells, 64 px tiles.
 PAPER_RESIZE, PAPER_CROP, PAPER_CELL, PAPER_TILE = 256, 225, 75, 64
@@ -99,6 +99,28 @@ def random_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Imag
     return image.crop((left, top, left + size, top + size))
 
 
+def tile_positions(image_size: int, grid: int, cell_size: int, tile_size: int, rng: np.random.Generator) -> np.ndarray:
+    """(grid^2, 2) int64 (top, left) of every cell's tile in an image_size crop, cells in row-major
+    order: the grid of cells is centred in the crop and each tile sits at a random place in its cell."""
+    border = (image_size - grid * cell_size) // 2
+    rows, columns = np.divmod(np.arange(grid * grid), grid)
+    corners = border + cell_size * np.stack([rows, columns], axis=1)
+    return corners + rng.integers(cell_size - tile_size + 1, size=(grid * grid, 2))
+
+
+def cut_tiles(image: Image.Image, image_size: int, grid: int, tile_size: int, rng: np.random.Generator,
+              grey: bool = False) -> torch.Tensor:
+    """Steps 1-4 of Noroozi & Favaro: PIL image -> (grid^2, 3, t, t) float32 tiles in cell order, with
+    ImageNet mean/std (not yet normalised tile by tile): a random image_size crop, a grid of cells,
+    a tile at a random place in each cell."""
+    crop = random_crop(image, image_size, rng)
+    if grey:
+        crop = crop.convert("L").convert("RGB")
+    pixels = to_normalised_tensor(crop)
+    return torch.stack([pixels[:, top:top + tile_size, left:left + tile_size]
+                        for top, left in tile_positions(image_size, grid, image_size // grid, tile_size, rng)])
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -122,6 +144,7 @@ class JigsawTask(ClassificationTask):
     """inputs (T, 3, t, t) = the T = grid^2 tiles in permuted order; target () int64 = permutation index."""
 
     name = "jigsaw"
+    per_image_normalise = True  # Noroozi & Favaro normalise every tile on its own
     min_image_size = minimum_image_size(3, None)  # 30: with the defaults (3 x 3 grid, derived tile size)
     default_permutations = 1000  # Noroozi & Favaro's set size
 
@@ -236,20 +259,11 @@ class JigsawTask(ClassificationTask):
 
     def tile_positions(self, rng: np.random.Generator) -> np.ndarray:
         """(T, 2) int64 (top, left) of every cell's tile in the S x S crop, cells in row-major order."""
-        border = (self.image_size - self.grid * self.cell_size) // 2
-        rows, columns = np.divmod(np.arange(self.cells), self.grid)
-        corners = border + self.cell_size * np.stack([rows, columns], axis=1)
-        return corners + rng.integers(self.cell_size - self.tile_px + 1, size=(self.cells, 2))
+        return tile_positions(self.image_size, self.grid, self.cell_size, self.tile_px, rng)
 
     def cut_tiles(self, image: Image.Image, rng: np.random.Generator, grey: bool = False) -> torch.Tensor:
-        """Steps 1-4: PIL image -> (T, 3, t, t) float32 normalised tiles in cell order."""
-        crop = random_crop(image, self.image_size, rng)
-        if grey:
-            crop = crop.convert("L").convert("RGB")
-        pixels = to_normalised_tensor(crop)
-        t = self.tile_px
-        tiles = torch.stack([pixels[:, top:top + t, left:left + t] for top, left in self.tile_positions(rng)])
-        return per_image_normalise(tiles)
+        """Steps 1-4: PIL image -> (T, 3, t, t) float32 tiles in cell order, each normalised on its own."""
+        return per_image_normalise(cut_tiles(image, self.image_size, self.grid, self.tile_px, rng, grey))
 
     def build_from_tiles(self, tiles: torch.Tensor, rng: np.random.Generator,
                          other_tiles: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

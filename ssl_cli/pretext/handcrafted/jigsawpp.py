@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_cli.pretext.jigsaw import PAPER_CROP, JigsawTask
+from ssl_cli.pretext.handcrafted.jigsaw import PAPER_CROP, JigsawTask
 
 
 class JigsawPlusPlusTask(JigsawTask):

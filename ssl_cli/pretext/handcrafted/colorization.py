@@ -99,6 +99,7 @@ class ColorizationTask(PretextTask):
     """inputs (3, S, S) = L in [-1, 1] three times; target (S/f, S/f) int64 ab classes, f = output_stride."""
 
     name = "colorization"
+    input_mode = "lightness"
     min_image_size = 8
 
     def __init__(self, image_size: int, bins: int = 16, output_stride: int = 4, random_crop: bool = True):

@@ -1,0 +1,1 @@
+"""Reconstructive baselines: the network learns to reproduce its input (autoencoder, denoising autoencoder)."""
