@@ -1,10 +1,15 @@
 """Is data ever the bottleneck of pretext training?
 
-For a task (jigsawpp and rotation by default) prints, measured in one run on this machine:
-  builder  = samples/s the DataLoader delivers with --workers processes building samples
+For a task (jigsawpp and rotation by default, then simclr on alexnet_lowres and resnet18_lowres at
+32 px) prints, measured in one run on this machine:
+  builder  = samples/s the data path delivers: for the handcrafted tasks the DataLoader with
+             --workers processes building samples; for simclr the loader (in memory, as the loop
+             runs it) plus the two views made in batches on the device (ssl_cli.data.views)
   consumer = samples/s one training step (forward, backward, SGD step) of the same model consumes
   ratio    = builder / consumer   (target >= 1.0: the GPU/CPU never waits for data)
-On CUDA the training step runs with bf16 autocast and channels_last, as in `ssl pretext`.
+On CUDA the training step runs with bf16 autocast and channels_last, as in `ssl pretext`. On a CPU
+the simclr views are made by the same cores between steps, so a ratio r costs 1 / (1 + r) of the
+time: at r >= 1 views take at most half of it (and a GPU makes them asynchronously).
 
     python bench/pretext.py                      # jigsawpp on vgg16_lowres, rotation on resnet18_lowres
     python bench/pretext.py --quick              # smaller, ~1 minute
@@ -89,6 +94,55 @@ def measure(task_name: str, arch: str, arch_kwargs: dict, image_size: int, task_
             "ratio": builder / consumer}
 
 
+def measure_views(task_name: str, arch: str, arch_kwargs: dict, image_size: int, folder: Path,
+                  args: argparse.Namespace, device: torch.device) -> dict:
+    """A contrastive task: loader + batched views against the training step (objective included)."""
+    from ssl_cli.data.batch_augment import step_generator
+    from ssl_cli.train.distributed import ProcessGroup
+    from ssl_cli.train.loop import StepContext, to_device
+
+    task = task_class(task_name)(image_size=image_size)
+    dataset = task.dataset(open_source(str(folder)), seed=0)
+    transform = task.batch_transform()
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                        num_workers=0 if dataset.in_memory else args.workers)
+    batches = list(loader)[: args.batches]
+
+    def build(index: int, batch) -> list[torch.Tensor]:
+        return transform(to_device(batch[0], device), step_generator(0, 0, index, device))
+
+    build(0, batches[0])
+    began = time.perf_counter()
+    for index, batch in enumerate(batches):
+        views = build(index, batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    builder = sum(len(batch[0]) for batch in batches) / (time.perf_counter() - began)
+    torch.manual_seed(0)
+    network = PretextNetwork(build_model(arch, **arch_kwargs), task).to(device).train()
+    optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    targets = batches[0][1].to(device)
+    context = StepContext(batches[0][2].to(device), 0, 0, 1, ProcessGroup())
+
+    def one_step() -> None:
+        with autocast(device):
+            loss, _ = task.objective(network.head, network(views), targets, context)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    one_step()
+    began = time.perf_counter()
+    for _ in range(args.steps):
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    consumer = args.steps * len(targets) / (time.perf_counter() - began)
+    return {"task": task_name, "arch": arch, "image_size": image_size, "workers": 0 if dataset.in_memory else args.workers,
+            "device": str(device), "builder_samples_per_s": builder, "consumer_samples_per_s": consumer,
+            "ratio": builder / consumer}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -111,6 +165,8 @@ def main() -> None:
         small = {"width": 0.5} if args.arch_jigsaw.endswith("_lowres") and "resnet" not in args.arch_jigsaw else {}
         rows.append(measure("jigsawpp", args.arch_jigsaw, small, args.image_size, {}, folder, args, device))
         rows.append(measure("rotation", args.arch_rotation, {}, 32, {}, folder, args, device))
+        for arch in ("alexnet_lowres", "resnet18_lowres"):
+            rows.append(measure_views("simclr", arch, {}, 32, folder, args, device))
     print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"{'task':<10} {'arch':<16} {'size':>4} {'workers':>7} {'builder/s':>10} {'train step/s':>12} {'ratio':>6}")

@@ -123,3 +123,44 @@ def copy_to() -> Callable[[Path, Path], Path]:
         return dest
 
     return copy
+
+
+def _ssl_process(args: list[str]):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "ssl_cli", *args], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _killed_then_resumed(args: list[str], out: Path, epochs: int, timeout: float = 300) -> Path:
+    """Run `ssl *args --out out` once to the end (-> `reference.pt` beside out), once killed with SIGKILL
+    as soon as its first checkpoint is on disk, then resumed; returns the reference. Asserts that the
+    kill landed mid-run and that the re-run resumed."""
+    import signal
+    import time
+
+    import torch
+
+    reference = out.with_name("reference.pt")
+    assert _ssl_process([*args, "--out", str(reference)]).wait(timeout=timeout) == 0
+    process = _ssl_process([*args, "--out", str(out)])
+    partial = out.with_name(out.name + ".partial")
+    deadline = time.time() + timeout
+    while not partial.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial.exists() and not out.exists()
+    assert 1 <= torch.load(partial, weights_only=True)["epoch"] < epochs
+    resumed = _ssl_process([*args, "--out", str(out)])
+    output = resumed.communicate(timeout=timeout)[0].decode()
+    assert resumed.returncode == 0 and "resum" in output, output
+    return reference
+
+
+@pytest.fixture(scope="session")
+def killed_then_resumed() -> Callable[..., Path]:
+    """killed_then_resumed(args, out, epochs): see `_killed_then_resumed`."""
+    return _killed_then_resumed

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -69,25 +67,9 @@ def _run(args: list[str], **kwargs) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, **kwargs)
 
 
-def test_sigkill_then_resume_gives_identical_weights(toy_dir, tmp_path):
-    args = [*ROTATION, "--data", str(toy_dir), "--epochs", "5"]
-    reference = tmp_path / "a.pt"
-    assert _run([*args, "--out", str(reference)]).wait(timeout=240) == 0
+def test_sigkill_then_resume_gives_identical_weights(toy_dir, tmp_path, killed_then_resumed):
     out = tmp_path / "b.pt"
-    process = _run([*args, "--out", str(out)])
-    partial = out.with_name("b.pt.partial")
-    deadline = time.time() + 120
-    while not partial.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert partial.exists() and not out.exists()
-    epoch = torch.load(partial, weights_only=True)["epoch"]
-    assert 1 <= epoch < 5
-    resumed = _run([*args, "--out", str(out)])
-    output = resumed.communicate(timeout=240)[0].decode()
-    assert resumed.returncode == 0, output
-    assert "resum" in output
+    reference = killed_then_resumed([*ROTATION, "--data", str(toy_dir), "--epochs", "5"], out, epochs=5, timeout=240)
     want = torch.load(reference, weights_only=True)["model"]
     got = torch.load(out, weights_only=True)["model"]
     assert all(torch.equal(want[key], got[key]) for key in want)

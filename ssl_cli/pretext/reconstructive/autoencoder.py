@@ -14,7 +14,7 @@ Options: noise [0, in [0, 1)], flip [true].
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn

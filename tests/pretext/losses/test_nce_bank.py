@@ -78,3 +78,20 @@ def test_bad_inputs_are_explained():
         nce_bank(image, transformed, bank, indices, negatives[:, :0], TEMPERATURE)
     with pytest.raises(ValueError, match="temperature"):
         nce_bank(image, transformed, bank, indices, negatives, 0.0)
+
+
+def test_both_ways_of_reading_negatives_agree():
+    """nce_bank reads negatives through (B, |D|) similarities for small banks and (B, N, D) rows for large ones."""
+    import ssl_cli.pretext.losses.nce_bank as module
+
+    generator = torch.Generator().manual_seed(3)
+    bank = torch.nn.functional.normalize(torch.randn(50, 8, generator=generator), dim=1)
+    image, transformed = torch.randn(4, 8, generator=generator), torch.randn(4, 8, generator=generator)
+    indices = torch.tensor([0, 5, 9, 30])
+    negatives = torch.randint(0, 50, (4, 3), generator=generator)  # N * D = 24 < 50 rows: the (B, N, D) branch
+    many = torch.randint(0, 50, (4, 10), generator=generator)  # N * D = 80 >= 50: the similarity-matrix branch
+    for drawn in (negatives, many):
+        got = module.nce_bank(image, transformed, bank, indices, drawn, 0.07, 0.5, 2.0)
+        want = 0.5 * module.noise_contrastive(transformed, bank[indices], bank[drawn], 0.07, drawn.shape[1] / 50, 2.0) \
+            + 0.5 * module.noise_contrastive(image, bank[indices], bank[drawn], 0.07, drawn.shape[1] / 50, 2.0)
+        torch.testing.assert_close(got, want)
