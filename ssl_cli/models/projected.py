@@ -42,6 +42,9 @@ class ProjectedNetwork(nn.Module):
     def __init__(self, backbone: nn.Module, d_in: int, width: int, classes: int | None = None):
         super().__init__()
         self.backbone = backbone
+        for name in ("classifier", "fc"):  # never run here: DDP refuses parameters that get no gradient
+            if hasattr(backbone, name):
+                getattr(backbone, name).requires_grad_(False)
         self.proj1 = projection_block(d_in, width)
         self.classifier = nn.Linear(width, classes) if classes else None
         self.d_in, self.width = d_in, width

@@ -177,9 +177,11 @@ def full_model(network: Network, classes: int, freeze_through: str | None) -> nn
         node = check_layer(network.spec, freeze_through)
         frozen = []
         for name, module in model.named_modules():
-            frozen.append(name)
             if name == node:
+                frozen.append(name)
                 break
+            if not node.startswith(name + "."):  # an ancestor (features, backbone) also holds later layers
+                frozen.append(name)
         for name, parameter in model.named_parameters():
             if any(name.startswith(prefix + ".") for prefix in frozen if prefix):
                 parameter.requires_grad_(False)

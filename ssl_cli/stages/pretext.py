@@ -95,7 +95,10 @@ def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
         network = PretextNetwork(backbone, task)
 
     def step(model: nn.Module, inputs: Any, targets: torch.Tensor, context: StepContext):
-        return task.objective(network.head, model(inputs), targets, context)
+        output = model(inputs)
+        # losses in float32: at T = 0.07 against thousands of negatives, bf16 logits are off by 0.01-0.06
+        with torch.autocast(context.indices.device.type, enabled=False):
+            return task.objective(network.head, output, targets, context)
 
     def final_payload(model: PretextNetwork) -> dict[str, Any]:
         info = task.info()

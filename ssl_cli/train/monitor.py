@@ -63,8 +63,9 @@ class KnnMonitor:
             rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_MONITOR_IMAGES, replace=False))
         if len(rows) < 4:
             raise UserError(f"--monitor-data {source.spec} has {len(rows)} images; the kNN monitor needs at least 4")
-        data = ResizedImages(source, rows, np.asarray(source.targets), size, memory_budget=1 << 62)
-        return cls(data.cache, torch.as_tensor(np.asarray(source.targets)[data.used]),
+        labels = np.asarray(source.targets)[rows]  # aligned with rows, as ResizedImages expects
+        data = ResizedImages(source, rows, labels, size, memory_budget=1 << 62)
+        return cls(data.cache, torch.as_tensor(labels[data.used]),
                    BatchAugment(mean=tuple(mean), std=tuple(std), flip=False, normalise=normalise), every)
 
     def due(self, epoch: int, last_epoch: int) -> bool:

@@ -40,7 +40,8 @@ def test_task_trains_an_epoch_and_feeds_extract_with_no_other_flag(task, toy_dir
     result = cli("extract", "--model", str(out), "--data", str(toy_dir), "--out", str(features), "--workers", "0",
                  "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "pool5" in result.output  # the trunk's pooled map, as for every pretext checkpoint
+    # the trunk's pooled map, as for every pretext checkpoint; SimCLRv2's is the head's first block
+    assert ("proj1" if task == "simclr2" else "pool5") in result.output
 
 
 def test_moco2_state_is_in_the_checkpoint(toy_dir, tmp_path):
@@ -109,15 +110,16 @@ def test_simclr2_proj1_is_a_layer_for_extract_and_finetune(toy_dir, tmp_path):
     head = torch.load(out, weights_only=True)["head"]
     assert torch.equal(network.model.proj1[0].weight, head["projection.layers.0.0.weight"])
     features = tmp_path / "proj1.h5"
-    result = cli("extract", "--model", str(out), "--data", str(toy_dir), "--layer", "proj1", "--out", str(features),
-                 "--workers", "0", "--no-progress")
-    assert result.exit_code == 0, result.output
+    result = cli("extract", "--model", str(out), "--data", str(toy_dir), "--out", str(features), "--workers", "0",
+                 "--no-progress")  # proj1 is the checkpoint's feature layer: no --layer needed
+    assert result.exit_code == 0 and "proj1" in result.output, result.output
     tuned = tmp_path / "tuned"
     result = cli("finetune", "--model", str(out), "--data", str(toy_dir), "--eval-data", str(toy_dir), "--mode", "full",
                  "--epochs", "1", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--no-progress",
                  "--out", str(tuned))
     assert result.exit_code == 0, result.output
     teacher = network_from_checkpoint(tuned / "finetuned.pt")  # what `ssl self-train --teacher` loads
+    assert not any(p.requires_grad for p in teacher.model.backbone.classifier.parameters())  # unused: DDP-safe
     assert {"proj1", "logits"} <= set(teacher.spec.layers)
     with torch.no_grad():
         assert teacher.model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 4)

@@ -111,6 +111,8 @@ def test_full_finetuning_writes_a_checkpoint_with_a_fresh_classifier(toy_dir, ev
     assert data["model"]["classifier.6.weight"].shape[0] == 4
     source = torch.load(random_alexnet, weights_only=True)["model"]
     assert torch.equal(data["model"]["features.0.weight"], source["features.0.weight"])  # frozen through conv2
+    assert torch.equal(data["model"]["features.3.weight"], source["features.3.weight"])
+    assert not torch.equal(data["model"]["features.6.weight"], source["features.6.weight"])  # conv3 on trains
     assert report(out)["train_images"] == 48
 
 

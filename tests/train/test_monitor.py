@@ -41,3 +41,18 @@ def test_monitor_refuses_unlabelled_images(toy_dir, tmp_path):
     monitor = KnnMonitor.from_source(open_source(str(toy_dir)), 32, (0.5,) * 3, (0.5,) * 3, every=3)
     assert monitor.images.shape == (96, 3, 32, 32) and set(np.unique(monitor.labels.numpy())) == {0, 1, 2, 3}
     assert [monitor.due(epoch, 5) for epoch in range(1, 6)] == [False, False, True, False, True]
+
+
+def test_monitor_labels_follow_the_images_it_keeps(toy_dir, monkeypatch):
+    """A subset (over MAX_MONITOR_IMAGES) or unlabelled rows: each kept image keeps its own label."""
+    import ssl_cli.train.monitor as module
+    from ssl_cli.data.sources import open_source
+    from ssl_cli.data.resized import to_uint8
+
+    source = open_source(str(toy_dir))
+    monkeypatch.setattr(module, "MAX_MONITOR_IMAGES", 10)
+    monitor = KnnMonitor.from_source(source, 32, (0.5,) * 3, (0.5,) * 3, every=1, seed=3)
+    assert len(monitor.images) == 10
+    for image, label in zip(monitor.images, monitor.labels):
+        row = next(i for i in range(len(source)) if torch.equal(to_uint8(source.load(i), 32), image))
+        assert source.targets[row] == int(label)

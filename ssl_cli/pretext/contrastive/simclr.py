@@ -76,4 +76,5 @@ class SimCLRv2Task(SimCLRTask):
     def meta(self) -> dict[str, Any]:
         # the head's first block (Linear, BN, ReLU), which `network_from_checkpoint` reads as layer proj1
         d_in, width = self.projection_dims
-        return {**super().meta(), "projection": {"d_in": d_in, "width": width, "head_prefix": "projection.layers.0."}}
+        return {**super().meta(), "projection": {"d_in": d_in, "width": width, "head_prefix": "projection.layers.0."},
+                "feature_layer": "proj1"}  # the trunk's pooled layer of a ResNet ("pool") is not in the projected network
