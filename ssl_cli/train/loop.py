@@ -227,6 +227,7 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
             if start_step and state["sums"] is not None:
                 sums += state["sums"].to(device)
             began = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]  # stays if the partial was saved after the epoch's last step
             trained.train()
             with reporter.progress(f"epoch {epoch + 1}/{options.epochs}", total=steps_per_epoch * options.batch_size,
                                    completed=start_step * options.batch_size) as advance:
