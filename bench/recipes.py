@@ -51,6 +51,7 @@ class Row:
 
 ROWS = [  # in the order they run: the rows that decide a default first
     Row("defaults", ""),
+    Row("convnet_bn_lowres (the plain script's net as an arch)", "--arch convnet_bn_lowres"),
     Row("dropout 0.5", "--dropout 0.5"),
     Row("100 epochs", "--epochs 100"),
     Row("image 32 px (upsampled)", "--image-size 32"),
@@ -298,12 +299,12 @@ def main() -> None:
         plan.append(("plain all labels", lambda: run_plain(None, 1 if args.quick else 12)))
         plan += [(row.name, lambda row=row: run_row(row, args.work, args.quick)) for row in rows
                  if not row.labels_per_class]
+    base_names = [name for name, _ in plan if name not in ("speed", "plain all labels")]
     for seed in [int(s) for s in args.seeds.split(",") if s]:
-        jobs = dict(plan)
         plan = plan + [(f"{name}{SEED_MARK}{seed}]", lambda name=name, seed=seed: (
             run_plain(100, 1 if args.quick else 60, seed) if name == "plain 100/class" else
             run_row(next(row for row in rows if row.name == name), args.work, args.quick, seed)))
-            for name in jobs if name not in ("speed", "plain all labels")]
+            for name in base_names]
     for name, job in plan:
         base = name.split(SEED_MARK)[0]
         if wanted and base not in wanted and slug(base) not in wanted and base.split()[0] not in wanted:

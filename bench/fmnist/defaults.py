@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "defaults.results.json")
     parser.add_argument("--arch", default="alexnet_bn_lowres")
     parser.add_argument("--unlabelled", type=int, default=20_000, help="unlabelled images for self-training")
+    parser.add_argument("--skip", default="", help="comma-separated rows not to run now: few, teacher, rounds, all")
     args = parser.parse_args()
     work = args.work / args.arch
     work.mkdir(parents=True, exist_ok=True)
@@ -65,26 +66,34 @@ def main() -> None:
         rows[name] = {"top1": top1, "train_seconds": seconds, "command": command}
         args.results.write_text(json.dumps(results, indent=1))
 
+    skip = set(args.skip.split(","))
     ssl(work, "pack", "--data", TRAIN, "--limit", args.unlabelled, "--out", "unlabelled.h5")
-    ssl(work, "train", "--data", TRAIN, *arch, *few, "--out", "few/model.pt")
-    record("labels alone (ssl train, 100 per class)", f"ssl train --data {TRAIN} --arch {args.arch} --labels-per-class 100",
-           json.loads((work / "few/model.eval.json").read_text())["top1"], train_seconds(work / "few/model.metrics.jsonl"))
+    if "few" not in skip:
+        ssl(work, "train", "--data", TRAIN, *arch, *few, "--out", "few/model.pt")
+        record("labels alone (ssl train, 100 per class)",
+               f"ssl train --data {TRAIN} --arch {args.arch} --labels-per-class 100",
+               json.loads((work / "few/model.eval.json").read_text())["top1"],
+               train_seconds(work / "few/model.metrics.jsonl"))
     self_train = ["self-train", "--labelled", TRAIN, *few, "--unlabelled", "unlabelled.h5", *arch]
-    ssl(work, *self_train, "--rounds", 0, "--out", "teacher")
-    summary = json.loads((work / "teacher/summary.json").read_text())
-    record("self-train round 0 (the teacher)", "ssl " + shlex.join(map(str, [*self_train, "--rounds", 0])),
-           summary["rounds"][0]["top1"], train_seconds(work / "teacher/round-0/student.metrics.jsonl"))
-    ssl(work, *self_train, "--teacher", "teacher/round-0/student.pt", "--rounds", 2, "--out", "rounds")
-    summary = json.loads((work / "rounds/summary.json").read_text())
-    for item in summary["rounds"][1:]:
-        r = item["round"]
-        record(f"self-train round {r} student ({item['pseudo_labelled']} pseudo-labels, "
-               f"{item['pseudo_accuracy']:.3f} right)",
-               "ssl " + shlex.join(map(str, [*self_train, "--teacher", "teacher/round-0/student.pt", "--rounds", 2])),
-               item["top1"], train_seconds(work / f"rounds/round-{r}/student.metrics.jsonl"))
-    ssl(work, "train", "--data", TRAIN, *arch, "--out", "all/model.pt")
-    record("all 60,000 labels (ssl train)", f"ssl train --data {TRAIN} --arch {args.arch}",
-           json.loads((work / "all/model.eval.json").read_text())["top1"], train_seconds(work / "all/model.metrics.jsonl"))
+    if "teacher" not in skip:
+        ssl(work, *self_train, "--rounds", 0, "--out", "teacher")
+        summary = json.loads((work / "teacher/summary.json").read_text())
+        record("self-train round 0 (the teacher)", "ssl " + shlex.join(map(str, [*self_train, "--rounds", 0])),
+               summary["rounds"][0]["top1"], train_seconds(work / "teacher/round-0/student.metrics.jsonl"))
+    if "rounds" not in skip:
+        rounds = [*self_train, "--teacher", "teacher/round-0/student.pt", "--rounds", 2]
+        ssl(work, *rounds, "--out", "rounds")
+        summary = json.loads((work / "rounds/summary.json").read_text())
+        for item in summary["rounds"][1:]:
+            r = item["round"]
+            record(f"self-train round {r} student ({item['pseudo_labelled']} pseudo-labels, "
+                   f"{item['pseudo_accuracy']:.3f} right)", "ssl " + shlex.join(map(str, rounds)),
+                   item["top1"], train_seconds(work / f"rounds/round-{r}/student.metrics.jsonl"))
+    if "all" not in skip:
+        ssl(work, "train", "--data", TRAIN, *arch, "--out", "all/model.pt")
+        record("all 60,000 labels (ssl train)", f"ssl train --data {TRAIN} --arch {args.arch}",
+               json.loads((work / "all/model.eval.json").read_text())["top1"],
+               train_seconds(work / "all/model.metrics.jsonl"))
     print(f"| {args.arch} | top-1 | training seconds |\n|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['top1']:.4f} | {row['train_seconds']} |")
