@@ -228,7 +228,7 @@ class SupervisedConfig(ClassifierTrainConfig):
 
     data: str = Field(description="labelled training images (class subfolders, an images .h5 with targets, fashion-mnist:DIR)")
     eval_data: str | None = Field(None, description="labelled evaluation images (default: the test split of a fashion-mnist source; none: no evaluation)")
-    arch: str = Field(description="architecture trained from scratch (`ssl archs`; alexnet_bn_lowres for small images)")
+    arch: str = Field(description="architecture trained from scratch (`ssl archs`; convnet_bn_lowres for small images)")
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg (default: the arch's)")
     dropout: float | None = Field(None, ge=0, lt=1, description="dropout of the classifier's linear layers (default: the arch's)")
     image_size: int | None = Field(None, ge=16, le=1024, description="training size (default: the images' own size when the source knows it and the arch takes it, e.g. 28 for fashion-mnist; else the arch's input size)")
