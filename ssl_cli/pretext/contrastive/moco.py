@@ -86,6 +86,7 @@ class MoCoTask(ContrastiveTask):
         head = nn.Module()
         head.projection = ProjectionMLP(dims, batch_norm=False)  # MoCo's heads have no batch norm
         head.queue = FeatureQueue(self.queue_length(), self.projection_dim)
+        head.register_buffer("steps", torch.zeros((), dtype=torch.long))  # seeds the key shuffle; resumes with it
         return head
 
     def attach(self, network) -> None:
@@ -104,7 +105,7 @@ class MoCoTask(ContrastiveTask):
                 return head.key_projection(global_pool(trunk_forward(head.key_backbone, images)))
 
             key = shuffled_keys(encode, inputs[1], self.splits(len(inputs[1])), distributed.current_group(),
-                                int(head.queue.pointer))
+                                int(head.steps))
         return query, key
 
     def splits(self, batch: int) -> int:
@@ -117,6 +118,7 @@ class MoCoTask(ContrastiveTask):
         return loss, float(accuracy)
 
     def after_step(self, network, context) -> None:
+        network.head.steps += 1
         momentum_update(network.backbone, network.head.key_backbone, self.momentum)
         momentum_update(network.head.projection, network.head.key_projection, self.momentum)
 
@@ -130,8 +132,8 @@ def shuffled_keys(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.
                   group: distributed.ProcessGroup, seed: int) -> torch.Tensor:
     """Keys (B, D) of images (B, 3, S, S), computed on a shuffled batch (see the module docstring).
 
-    The permutation comes from a generator seeded by `seed` (the queue pointer: the same on every
-    rank and after a resume)."""
+    The permutation comes from a generator seeded by `seed` (the step count, a buffer of the head:
+    the same on every rank and after a resume)."""
     generator = torch.Generator().manual_seed(seed)
     if group.active:
         every = all_gather_no_grad(images, group)
