@@ -83,7 +83,7 @@ def write_pixels(work: Path, split: str) -> Path:
 
 
 def knn_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    from ssl_cli.stages.finetune import knn_scores
+    from ssl_cli.train.monitor import knn_scores
 
     votes = knn_scores(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x), 10, 20, 0.07)
     return float((votes.argmax(1) == test_y).mean())

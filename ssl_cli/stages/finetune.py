@@ -40,6 +40,7 @@ from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 from ssl_cli.train import distributed
 from ssl_cli.train.loop import StepContext, train
+from ssl_cli.train.monitor import knn_scores
 from ssl_cli.train.recipe import batch_augment, train_options
 
 
@@ -101,20 +102,6 @@ def embed(module: nn.Module, source: ImageSource, indices: np.ndarray, network: 
     if isinstance(outputs[0], dict):
         return {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
     return torch.cat(outputs)
-
-
-def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int, k: int,
-               temperature: float) -> np.ndarray:
-    """Cosine kNN: (N, D), (N,), (M, D) -> (M, C) class scores from the k nearest, weighted exp(cos/T)."""
-    train_x = nn.functional.normalize(train_x, dim=1)
-    test_x = nn.functional.normalize(test_x, dim=1)
-    k = min(k, len(train_x))
-    out = torch.zeros(len(test_x), classes)
-    for start in range(0, len(test_x), 1024):
-        similarity = test_x[start : start + 1024] @ train_x.T
-        top, index = similarity.topk(k, dim=1)
-        out[start : start + 1024].scatter_add_(1, train_y[index], (top / temperature).exp())
-    return out.numpy()
 
 
 class LinearProbe(nn.Module):

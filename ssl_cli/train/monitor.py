@@ -24,19 +24,26 @@ from ssl_cli.errors import UserError
 MAX_MONITOR_IMAGES = 10_000
 
 
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int, k: int,
+               temperature: float) -> np.ndarray:
+    """Cosine kNN: (N, D), (N,), (M, D) -> (M, C) class scores from the k nearest, weighted exp(cos/T)."""
+    train_x = nn.functional.normalize(train_x, dim=1)
+    test_x = nn.functional.normalize(test_x, dim=1)
+    k = min(k, len(train_x))
+    out = torch.zeros(len(test_x), classes)
+    for start in range(0, len(test_x), 1024):
+        similarity = test_x[start : start + 1024] @ train_x.T
+        top, index = similarity.topk(k, dim=1)
+        out[start : start + 1024].scatter_add_(1, train_y[index], (top / temperature).exp())
+    return out.numpy()
+
+
 def knn_top1(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
              k: int = 20, temperature: float = 0.07) -> float:
     """memory (N, D), memory_labels (N,), queries (M, D), query_labels (M,) -> top-1 of the weighted cosine kNN vote."""
-    memory = nn.functional.normalize(memory.float(), dim=1)
-    queries = nn.functional.normalize(queries.float(), dim=1)
     classes = int(max(memory_labels.max(), query_labels.max())) + 1
-    k = min(k, len(memory))
-    correct = 0
-    for start in range(0, len(queries), 1024):
-        similarity, index = (queries[start:start + 1024] @ memory.T).topk(k, dim=1)
-        votes = torch.zeros(len(similarity), classes).scatter_add_(1, memory_labels[index], (similarity / temperature).exp())
-        correct += int((votes.argmax(1) == query_labels[start:start + 1024]).sum())
-    return correct / len(queries)
+    votes = knn_scores(memory.float(), memory_labels, queries.float(), classes, k, temperature)
+    return float((votes.argmax(1) == query_labels.numpy()).mean())
 
 
 @dataclass
