@@ -46,7 +46,8 @@ class BatchAugment:
     grayscale_prob: float = 0.0
     color_jitter: float = 0.0
     # what the network was trained to see: "mean_std" (the usual), "per_image" (zero mean, unit std per
-    # image, as jigsaw tiles were seen) or "lightness" (CIE L / 50 - 1 in 3 channels, a colorization trunk)
+    # image, as jigsaw tiles were seen), "lightness" (CIE L / 50 - 1 in 3 channels, a colorization trunk)
+    # or "sobel" (the Sobel responses of the grey image, DeepCluster's optional input)
     normalise: str = "mean_std"
 
     @property
@@ -65,6 +66,8 @@ class BatchAugment:
             return (x - flat.mean(1).view(-1, 1, 1, 1)) / (flat.std(1).view(-1, 1, 1, 1) + 1e-5)
         if self.normalise == "lightness":
             return lightness(x)
+        if self.normalise == "sobel":
+            return sobel(x)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
@@ -128,3 +131,25 @@ def lightness(rgb: torch.Tensor) -> torch.Tensor:
     delta = 6.0 / 29.0
     f = torch.where(y > delta ** 3, y.clamp(min=1e-12) ** (1 / 3), y / (3 * delta ** 2) + 4.0 / 29.0)
     return ((116.0 * f - 16.0) / 50.0 - 1.0).expand(-1, 3, -1, -1).contiguous()
+
+
+SOBEL_X = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
+
+
+def sobel(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, H, W): the horizontal and vertical Sobel responses of the grey
+    image (luma 0.299/0.587/0.114, replicated border) and their magnitude, DeepCluster's Sobel input
+    (its two filter channels; the magnitude fills the third, so 3-channel archs take it unchanged)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    grey = (rgb * weights).sum(1, keepdim=True)
+    kx = torch.tensor(SOBEL_X, device=rgb.device, dtype=rgb.dtype)
+    kernels = torch.stack([kx, kx.T]).unsqueeze(1)  # (2, 1, 3, 3): d/dx, d/dy
+    responses = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+    return torch.cat([responses, responses.pow(2).sum(1, keepdim=True).sqrt()], dim=1)
+
+
+def normalise_mode(input_mode: str, per_image: bool) -> str:
+    """BatchAugment's `normalise` for a network's recorded input mode and per-image flag."""
+    if input_mode in ("lightness", "sobel"):
+        return input_mode
+    return "per_image" if per_image else "mean_std"

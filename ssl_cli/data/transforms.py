@@ -29,13 +29,25 @@ class LightnessInput:
         return lightness_input(rgb_to_lab(np.asarray(image)))
 
 
+class SobelInput:
+    """(3, H, W) in [0, 1] -> (3, H, W) Sobel input (`batch_augment.sobel`), as a DeepCluster --sobel trunk saw."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from ssl_cli.data.batch_augment import sobel
+
+        return sobel(image.unsqueeze(0))[0]
+
+
 def eval_transform(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                    per_image: bool = False, input_mode: str = "rgb") -> T.Compose:
     """PIL image -> (3, size, size) float tensor: resize the short side, centre crop, normalise.
 
-    input_mode "lightness" gives the L channel instead (a colorization checkpoint's input).
+    input_mode "lightness" gives the L channel instead (a colorization checkpoint's input), "sobel"
+    the Sobel responses (a DeepCluster checkpoint trained with sobel=true).
     """
     if input_mode == "lightness":
         return T.Compose([T.Resize(size), T.CenterCrop(size), LightnessInput()])
+    if input_mode == "sobel":
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), SobelInput()])
     steps = [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(list(mean), list(std))]
     return T.Compose(steps + ([PerImageNormalise()] if per_image else []))

@@ -29,7 +29,7 @@ class Network:
     inputs: list[dict[str, str]] = field(default_factory=list)  # provenance of the weights
     per_image_normalise: bool = False  # the trunk learned on tiles normalised one by one (jigsaw)
     feature_layer: str | None = None  # the layer the training made meaningful (default for extract)
-    input_mode: str = "rgb"  # "lightness": the trunk learned on the L channel (colorization)
+    input_mode: str = "rgb"  # "lightness": the L channel (colorization); "sobel": Sobel responses (DeepCluster)
     projection: dict[str, int] | None = None  # {"d_in", "width"}: the model is a ProjectedNetwork (SimCLRv2)
 
     def describe(self) -> dict[str, Any]:

@@ -15,7 +15,10 @@ lives in the head (parameters and buffers), so the checkpoint holds it and resum
 - `batch_transform()`: a batched augmentation on the device, e.g. two views per image (default none);
 - `attach(network)`: called once the network exists (a momentum copy of the backbone, say);
 - `objective(head, output, target, context)`: loss and accuracy; gets the batch's dataset indices;
-- `after_step(head, context)`: after each optimizer step (a momentum update).
+- `after_step(head, context)`: after each optimizer step (a momentum update);
+- `epoch_start(network, epoch, optimizer)`: before every epoch, a resumed one too (DeepCluster labels the
+  whole set); may return the epoch's sampling weights;
+- `epoch_end(network, epoch)`: figures for the epoch's metrics row.
 
 The backbone is a registry arch (torchvision layout), so after pretext training its state dict
 loads into the same arch for `ssl extract`; only `trunk` (the backbone up to its conv map) is
@@ -108,6 +111,14 @@ class PretextTask:
 
     def after_step(self, network: "PretextNetwork", context: "StepContext") -> None:
         """Runs after every optimizer step."""
+
+    def epoch_start(self, network: "PretextNetwork", epoch: int, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Runs before every epoch (0-based), a resumed one included; returns (N,) sampling weights or None."""
+        return None
+
+    def epoch_end(self, network: "PretextNetwork", epoch: int) -> dict[str, float]:
+        """Figures of the method for the metrics row of `epoch` (counting from 1)."""
+        return {}
 
     def meta(self) -> dict[str, Any]:
         """What the checkpoint records beside the task options (e.g. the default feature layer)."""

@@ -24,6 +24,11 @@ FAMILIES = {
         "moco2": "ssl_cli.pretext.contrastive.moco:MoCoV2Task",
         "pirl": "ssl_cli.pretext.contrastive.pirl:PIRLTask",
     },
+    "clustering": {
+        "deepcluster": "ssl_cli.pretext.clustering.deepcluster:DeepClusterTask",
+        "sela": "ssl_cli.pretext.clustering.sela:SeLaTask",
+        "swav": "ssl_cli.pretext.clustering.swav:SwAVTask",
+    },
     "reconstructive": {
         "autoencoder": "ssl_cli.pretext.reconstructive.autoencoder:AutoencoderTask",
     },

@@ -26,6 +26,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from ssl_cli.artifacts.lock import claim_output, claim_scope
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.config import FinetuneConfig
+from ssl_cli.data.batch_augment import normalise_mode
 from ssl_cli.data.dataset import SourceDataset
 from ssl_cli.data.resized import ResizedImages
 from ssl_cli.data.sources import ImageSource, open_source, source_input
@@ -264,9 +265,8 @@ def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, clas
         return {"meta": {**described, "task": f"finetune-{cfg.mode}", "classes": classes}, "model": state}
 
     out = cfg.out / ("finetuned.pt" if cfg.mode == "full" else "linear.pt")
-    normalise = "lightness" if network.input_mode == "lightness" else \
-        "per_image" if network.per_image_normalise else "mean_std"
-    augment = batch_augment(cfg, size, network.mean, network.std, normalise)
+    augment = batch_augment(cfg, size, network.mean, network.std,
+                            normalise_mode(network.input_mode, network.per_image_normalise))
     train(model, dataset, step, options, out, provenance, final_payload, force=cfg.force, reporter=reporter,
           batch_transform=augment)
     trained = torch.load(out, weights_only=True)["model"]

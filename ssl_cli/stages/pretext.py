@@ -17,6 +17,7 @@ from torch import nn
 
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.config import PretextConfig
+from ssl_cli.data.batch_augment import normalise_mode
 from ssl_cli.data.sources import ImageSource, open_source, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.errors import UserError
@@ -65,20 +66,22 @@ def _provenance(cfg: PretextConfig, source, task: PretextTask):
 
 def normalisation(task: PretextTask) -> str:
     """How the trunk's inputs were normalised (BatchAugment's `normalise`), for the monitor."""
-    return "lightness" if task.input_mode == "lightness" else "per_image" if task.per_image_normalise else "mean_std"
+    return normalise_mode(task.input_mode, task.per_image_normalise)
 
 
-def make_monitor(cfg: PretextConfig, task: PretextTask, network: PretextNetwork, epochs: int):
-    """The epoch-end kNN monitor of --monitor-data (always measured after the last of `epochs`), or None."""
-    if cfg.monitor_data is None:
-        return None
-    monitor = KnnMonitor.from_source(open_source(cfg.monitor_data), task.tile_size(), IMAGENET_MEAN, IMAGENET_STD,
-                                     cfg.monitor_every, normalisation(task), cfg.seed)
+def make_epoch_end(cfg: PretextConfig, task: PretextTask, network: PretextNetwork, epochs: int):
+    """The epoch-end figures: the task's own, and the kNN monitor of --monitor-data (always measured after
+    the last of `epochs`)."""
+    monitor = None
+    if cfg.monitor_data is not None:
+        monitor = KnnMonitor.from_source(open_source(cfg.monitor_data), task.tile_size(), IMAGENET_MEAN, IMAGENET_STD,
+                                         cfg.monitor_every, normalisation(task), cfg.seed)
+
     def epoch_end(epoch: int, model: nn.Module) -> dict[str, float]:
-        if not monitor.due(epoch, epochs):
-            return {}
-        device = next(network.parameters()).device
-        return monitor(network.trunk, network, device)
+        figures = task.epoch_end(network, epoch)
+        if monitor is not None and monitor.due(epoch, epochs):
+            figures.update(monitor(network.trunk, network, next(network.parameters()).device))
+        return figures
 
     return epoch_end
 
@@ -118,7 +121,8 @@ def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
     options = train_options(cfg, len(dataset))
     result = train(network, dataset, step, options, cfg.out, record, final_payload, force=cfg.force, reporter=reporter,
                    batch_transform=task.batch_transform(), after_step=lambda context: task.after_step(network, context),
-                   epoch_end=make_monitor(cfg, task, network, options.epochs))
+                   epoch_end=make_epoch_end(cfg, task, network, options.epochs),
+                   epoch_start=lambda epoch, optimizer: task.epoch_start(network, epoch, optimizer))
     last = result.history[-1] if result.history else {}
     summary = {"task": cfg.task, "arch": cfg.arch, "epochs": options.epochs, "loss": last.get("loss"),
                "accuracy": last.get("accuracy"), "knn_top1": last.get("knn_top1"),

@@ -95,6 +95,9 @@ BatchTransform = Callable[[torch.Tensor, torch.Generator], Inputs]
 AfterStep = Callable[[StepContext], None]
 # (epoch counting from 1, the model) -> extra metrics for that epoch's history row (an online monitor)
 EpochEnd = Callable[[int, nn.Module], "dict[str, float]"]
+# (epoch counting from 0, the optimizer) -> this epoch's sampling weights, or None for `sample_weights`; runs
+# before every epoch, a resumed one included (work between epochs: DeepCluster re-clusters the whole set)
+EpochStart = Callable[[int, torch.optim.Optimizer], "torch.Tensor | None"]
 
 
 @dataclass
@@ -163,14 +166,15 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
           provenance: Provenance, final_payload: Callable[[nn.Module], dict[str, Any]], force: bool = False,
           reporter: Reporter | None = None, sample_weights: torch.Tensor | None = None,
           batch_transform: BatchTransform | None = None, after_step: AfterStep | None = None,
-          epoch_end: EpochEnd | None = None) -> TrainResult:
+          epoch_end: EpochEnd | None = None, epoch_start: EpochStart | None = None) -> TrainResult:
     """Train `model` on `dataset`; write `out` (via `final_payload(model)`) when all epochs are done.
 
     `batch_transform` (batched augmentation on the device) gets a generator seeded by the step, so a
     resumed run replays it exactly. `after_step` runs after every optimizer step; `epoch_end` adds
-    metrics to an epoch's history row. Whatever a method keeps between steps (a momentum encoder, a
-    queue, a memory bank) must be parameters or buffers of `model`: then the checkpoint holds it and
-    a resumed run continues exactly."""
+    metrics to an epoch's history row; `epoch_start` runs before every epoch (a resumed one too) and
+    may replace its sampling weights. Whatever a method keeps between steps (a momentum encoder, a
+    queue, a memory bank, cluster labels) must be parameters or buffers of `model`: then the
+    checkpoint holds it and a resumed run continues exactly."""
     reporter = reporter or SilentReporter()
     plan = plan_output(out, provenance.fingerprint, force)
     if plan.up_to_date:
@@ -217,8 +221,10 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
         for epoch in range(state["epoch"], options.epochs):
             start_step = state["step"] if epoch == state["epoch"] else 0
             dataset.set_epoch(epoch)
+            weights = epoch_start(epoch, optimizer) if epoch_start is not None else None
             sampler = EpochSampler(len(dataset), options.seed, epoch, group.rank, group.world,
-                                   start=start_step * options.batch_size, weights=sample_weights)
+                                   start=start_step * options.batch_size,
+                                   weights=weights if weights is not None else sample_weights)
             # a dataset held in memory is indexed, not decoded: worker processes would only add copies
             loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=0 if getattr(dataset, "in_memory", False) else options.workers, pin_memory=device.type == "cuda",

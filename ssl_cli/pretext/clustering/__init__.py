@@ -1,0 +1,1 @@
+"""Clustering methods (labels from the data itself): DeepCluster, SeLa, SwAV."""

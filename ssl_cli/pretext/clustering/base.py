@@ -1,0 +1,152 @@
+"""What the clustering methods share: labels made from the whole set between epochs, kept in the head.
+
+DeepCluster and SeLa alternate two steps: label every training image from the current network (k-means
+on its features, or an equipartition of its predictions), then train the network to predict those
+labels. The labelling runs before an epoch (`epoch_start`, a hook of the training loop), over every
+image in eval mode, with no gradient and without touching the training RNG; the labels, the epoch they
+were made for and the figures of the labelling are buffers of the head, so they are in every
+checkpoint: a run killed mid-epoch resumes that epoch with the same labels and does not label again.
+
+Images are held as uint8 at the training size (in memory when they fit, see `ResizedImages`); the
+training view is the small-image recipe of `ssl train` (random flips and shifts of side/14, and an
+optional random resized crop), drawn per step on the device (`BatchAugment`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ssl_cli.data.batch_augment import BatchAugment
+from ssl_cli.data.sources import ImageSource
+from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ssl_cli.errors import UserError
+from ssl_cli.pretext.base import PretextTask, TaskInfo
+from ssl_cli.pretext.contrastive.base import WholeImages, check_number
+from ssl_cli.train.recipe import default_shift
+
+EMBED_BATCH = 256
+
+
+class ClusteringTask(PretextTask):
+    """Base of DeepCluster and SeLa. Subclasses implement `build_head`, `forward` and `relabel`."""
+
+    family: ClassVar[str] = "clustering"
+    min_image_size = 8
+
+    def __init__(self, image_size: int, sobel: bool = False, min_scale: float = 1.0, shift: float | None = None):
+        super().__init__(image_size)
+        check_number(self.name, "image_size", image_size, self.min_image_size, 4096, integer=True)
+        if not isinstance(sobel, bool):
+            raise UserError(f"{self.name}: sobel must be true or false, got {sobel!r}")
+        check_number(self.name, "min_scale", min_scale, 0.01, 1.0)
+        if shift is not None:
+            check_number(self.name, "shift", shift, 0, image_size)
+        self.sobel, self.min_scale = sobel, float(min_scale)
+        self.shift = float(shift) if shift is not None else default_shift(image_size)
+        self.input_mode = "sobel" if sobel else "rgb"
+        self.images: WholeImages | None = None
+        self.size_of_dataset = 0
+        self.seed = 0
+
+    def info(self) -> TaskInfo:
+        return TaskInfo(self.name, {**self.options(), "sobel": self.sobel, "min_scale": self.min_scale,
+                                    "shift": self.shift})
+
+    def options(self) -> dict[str, Any]:
+        """The method's own options (plain types), recorded in the checkpoint."""
+        return {}
+
+    def dataset(self, source: ImageSource, seed: int) -> WholeImages:
+        self.images = WholeImages(source, self.image_size)
+        self.size_of_dataset, self.seed = len(self.images), seed
+        self.check_size(self.size_of_dataset)
+        return self.images
+
+    def check_size(self, images: int) -> None:
+        """A UserError when the set is too small for the method's options (k > N, say)."""
+
+    def batch_transform(self):
+        augment = BatchAugment(mean=IMAGENET_MEAN, std=IMAGENET_STD, min_scale=self.min_scale, shift=self.shift,
+                               flip=True, normalise=self.input_mode)
+        return lambda images, generator: augment(images, generator)
+
+    def normalise(self) -> BatchAugment:
+        """uint8 images -> the network's input, no augmentation (the labelling pass)."""
+        return BatchAugment(mean=IMAGENET_MEAN, std=IMAGENET_STD, flip=False, normalise=self.input_mode)
+
+    def meta(self) -> dict[str, Any]:
+        return {"labels_from": self.name}
+
+    # --- the labelling between epochs ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, network: nn.Module, read: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[np.ndarray]:
+        """Blocks of `read(trunk map)` over every training image in order, in eval mode: (b, ...) float32
+        arrays, at most EMBED_BATCH rows each; the training RNG and the BN statistics are left as they were."""
+        if self.images is None:
+            raise RuntimeError(f"{self.name}: dataset() must run before the labelling pass")
+        device = next(network.parameters()).device
+        normalise = self.normalise()
+        loader = DataLoader(self.images, batch_size=EMBED_BATCH, shuffle=False,
+                            num_workers=0 if self.images.in_memory else 2)
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                for images, _, _, _ in loader:
+                    yield read(network.trunk(normalise(images.to(device)))).float().cpu().numpy()
+        finally:
+            network.train(was_training)
+
+    def epoch_start(self, network: nn.Module, epoch: int, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Label the set for `epoch` (0-based) unless the head already holds labels made for it (a resumed
+        epoch); returns this epoch's sampling weights (None: the usual shuffle)."""
+        head = network.head
+        if int(head.labelled_epoch) != epoch and self.due(epoch):
+            began = time.perf_counter()
+            self.relabel(network, epoch, optimizer)
+            head.labelled_epoch.fill_(epoch)
+            head.label_seconds.fill_(time.perf_counter() - began)
+        return self.sample_weights(head)
+
+    def due(self, epoch: int) -> bool:
+        """Whether the labels are made again before `epoch` (always before the first)."""
+        return True
+
+    def relabel(self, network: nn.Module, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        raise NotImplementedError
+
+    def sample_weights(self, head: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def epoch_end(self, network: nn.Module, epoch: int) -> dict[str, float]:
+        """Figures of the last labelling for the epoch's metrics row."""
+        return {}
+
+
+def add_label_buffers(head: nn.Module, rows: tuple[int, ...]) -> None:
+    """The labels (int64 `rows`, -1 until made) and the bookkeeping every clustering head carries."""
+    head.register_buffer("labels", torch.full(rows, -1, dtype=torch.int64))
+    head.register_buffer("labelled_epoch", torch.tensor(-1, dtype=torch.int64))
+    head.register_buffer("label_seconds", torch.tensor(0.0, dtype=torch.float64))
+
+
+def reset_linear(layer: nn.Linear, seed: int, optimizer: torch.optim.Optimizer | None) -> None:
+    """Fresh weights for `layer`, drawn from `seed` alone (as nn.Linear initialises), and no optimizer
+    state left for them (Adam's moments of the old classifier would steer the new one)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(fresh.weight)
+        if layer.bias is not None:
+            layer.bias.copy_(fresh.bias)
+    if optimizer is not None:
+        for parameter in layer.parameters():
+            optimizer.state.pop(parameter, None)

@@ -1,0 +1,179 @@
+"""Balanced soft assignments by Sinkhorn-Knopp: SwAV's online codes and SeLa's equipartition.
+
+Both turn scores of N samples against K clusters into an assignment Q (N, K) whose clusters are
+used equally, by finding row and column scalings u (N), v (K) of P_nk = exp(s_nk / epsilon):
+
+    Q_nk = u_n P_nk v_k,   sum_k Q_nk = 1/N (every sample),   sum_n Q_nk = 1/K (every cluster),
+
+i.e. the entropy-regularised optimal transport of the scores onto the uniform marginals. The
+fixed point is reached by alternately normalising rows and columns (Sinkhorn-Knopp).
+
+`sinkhorn` is SwAV's online version (Caron et al. 2020, `distributed_sinkhorn` in the released
+code): a few iterations (3) on each batch of prototype scores, epsilon = 0.05, run without
+gradient, the codes then serving as targets of the swapped prediction (see `swav.py`). Under
+torchrun the batch is the concatenation of every rank's rows: the total sum and each prototype's
+row sum are all-reduced, so every rank gets exactly its own rows of the single-process result.
+
+`equipartition` is SeLa's self-labelling step (Asano et al. 2020): on the whole dataset's
+log-probabilities, P = exp(lambda * log p) with lambda = 25, iterated to convergence, the
+labels being the row-wise argmax of Q.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ssl_cli.train.distributed import ProcessGroup, all_reduce_sum
+
+# Rows per block when `equipartition` reduces its (N, K) matrix: about 4M float64 (32 MB) per
+# temporary, so the working memory beyond the matrix itself stays small whatever N is.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+             group: ProcessGroup | None = None) -> torch.Tensor:
+    """(B, K) prototype scores of this rank's samples -> (B, K) codes, each row summing to 1.
+
+    With Q = exp(scores / epsilon)^T (K, B_total), B_total the batch summed over ranks:
+    Q /= sum(Q); then `iterations` times: each prototype row /= its sum and /= K, each sample
+    column /= its sum and /= B_total; finally Q *= B_total, so every sample's codes sum to 1 and
+    (as the iterations converge) every prototype receives B_total / K of the mass.
+
+    scores: any dtype; computed in float64 if given float64, else float32 (half precision would
+    overflow exp), and returned in that dtype, detached (no gradient flows through codes).
+    epsilon: the entropy regularisation; smaller gives sharper codes (SwAV: 0.05).
+    iterations: Sinkhorn-Knopp rounds (SwAV: 3); at least 1, so the columns are normalised.
+    group: the torchrun process group; None or an inactive group is one process. Every rank must
+    call with the same K, epsilon and iterations; batch sizes may differ between ranks.
+
+    Stability: scores / epsilon is shifted by its maximum before exp. A constant shift cancels
+    in the first normalisation, but it must be the same constant on every rank, so under torchrun
+    the maximum is all-reduced with MAX (one extra scalar collective) rather than taken per rank.
+    """
+    _check_scores(scores)
+    if epsilon <= 0:
+        raise ValueError(f"Sinkhorn epsilon must be > 0, got {epsilon}; SwAV uses 0.05.")
+    if iterations < 1:
+        raise ValueError(f"Sinkhorn needs at least 1 iteration, got {iterations}; SwAV uses 3.")
+    group = group or ProcessGroup()
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        logits = scores.detach().to(dtype) / epsilon
+        shift = logits.max()
+        if group.active:
+            dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+        codes = torch.exp(logits - shift).T  # (K, B)
+        prototypes = codes.shape[0]
+        total_batch = int(all_reduce_sum(torch.tensor(codes.shape[1], device=codes.device), group).item())
+
+        codes /= all_reduce_sum(codes.sum(), group)
+        for _ in range(iterations):
+            codes /= all_reduce_sum(codes.sum(dim=1, keepdim=True), group)
+            codes /= prototypes
+            codes /= codes.sum(dim=0, keepdim=True)
+            codes /= total_batch
+        codes *= total_batch
+        return codes.T
+
+
+def equipartition(log_probs: torch.Tensor, lam: float = 25.0, iterations: int = 1000,
+                  tolerance: float = 1e-6) -> torch.Tensor:
+    """(N, K) log-probabilities of the whole dataset -> (N, K) float64 soft labels, rows summing to 1.
+
+    SeLa's optimal transport with equal cluster sizes: P = exp(lam * log_probs), scaled
+    alternately so each sample's row sums to 1/N and each cluster's column to 1/K. It stops
+    when, just after a column scaling, every row sum is within `tolerance` of 1/N relatively
+    (max_n |N sum_k Q_nk - 1| < tolerance), or after `iterations` rounds. The result is Q with
+    each row rescaled to sum to 1, so each cluster's column sums to about N/K.
+
+    log_probs: any float dtype, finite or -inf (a zero probability); a per-row constant cancels,
+    so logits work as well as log-softmax outputs. lam: SeLa's lambda (25 in the paper); larger
+    gives harder labels and slower convergence.
+
+    Computed in log space in float64: exp(lam * log p) underflows for confident rows, and a
+    cluster no sample favours would leave an all-zero column to divide by. Memory: one (N, K)
+    float64 matrix (8 N K bytes: 800 MB at N K = 1e8) plus blocks of ~32 MB, since the row
+    and column log-sum-exps are taken over blocks of rows; the matrix becomes the result in
+    place. Time: two passes over N K entries per round.
+    """
+    _check_log_probs(log_probs, lam, iterations, tolerance)
+    samples, clusters = log_probs.shape
+    log_transport = log_probs.detach().to(torch.float64) * lam  # (N, K), log P
+    log_column_scale = torch.zeros(clusters, dtype=torch.float64, device=log_probs.device)
+    log_row_scale = -math.log(samples) - _row_logsumexp(log_transport, log_column_scale)
+    for _ in range(iterations):
+        log_column_scale = -math.log(clusters) - _column_logsumexp(log_transport, log_row_scale)
+        row_logsumexp = _row_logsumexp(log_transport, log_column_scale)
+        # The row sums the column scaling left, relative to 1/N: zero at the fixed point.
+        error = (log_row_scale + row_logsumexp + math.log(samples)).exp().sub(1).abs().max()
+        log_row_scale = -math.log(samples) - row_logsumexp
+        if error < tolerance:
+            break
+    # Rows rescaled to sum to 1: the row scaling drops out, leaving the column scaling.
+    log_transport += log_column_scale
+    log_transport -= _row_logsumexp(log_transport, torch.zeros_like(log_column_scale))[:, None]
+    return log_transport.exp_()
+
+
+def equipartition_labels(log_probs: torch.Tensor, lam: float = 25.0, iterations: int = 1000,
+                         tolerance: float = 1e-6) -> torch.Tensor:
+    """(N, K) log-probabilities -> (N,) int64 pseudo-labels: each row's argmax of `equipartition`."""
+    return equipartition(log_probs, lam, iterations, tolerance).argmax(dim=1)
+
+
+def _row_logsumexp(log_matrix: torch.Tensor, log_column_scale: torch.Tensor) -> torch.Tensor:
+    """(N, K), (K,) -> (N,): log sum_k exp(log_matrix[n, k] + log_column_scale[k]), by row blocks."""
+    block = _block_rows(log_matrix)
+    return torch.cat([
+        torch.logsumexp(log_matrix[start:start + block] + log_column_scale, dim=1)
+        for start in range(0, log_matrix.shape[0], block)
+    ])
+
+
+def _column_logsumexp(log_matrix: torch.Tensor, log_row_scale: torch.Tensor) -> torch.Tensor:
+    """(N, K), (N,) -> (K,): log sum_n exp(log_matrix[n, k] + log_row_scale[n]), by row blocks."""
+    block = _block_rows(log_matrix)
+    partial = [
+        torch.logsumexp(log_matrix[start:start + block] + log_row_scale[start:start + block, None], dim=0)
+        for start in range(0, log_matrix.shape[0], block)
+    ]
+    return torch.logsumexp(torch.stack(partial), dim=0)
+
+
+def _block_rows(log_matrix: torch.Tensor) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(1, log_matrix.shape[1]))
+
+
+def _check_scores(scores: torch.Tensor) -> None:
+    if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
+        raise ValueError(
+            f"Sinkhorn needs prototype scores as a (B, K) tensor with B, K >= 1, got "
+            f"{tuple(scores.shape)}; pass the (batch, prototypes) dot products of one crop."
+        )
+
+
+def _check_log_probs(log_probs: torch.Tensor, lam: float, iterations: int, tolerance: float) -> None:
+    if log_probs.ndim != 2 or log_probs.shape[0] < 1 or log_probs.shape[1] < 1:
+        raise ValueError(
+            f"Equipartition needs log-probabilities as an (N, K) tensor with N, K >= 1, got "
+            f"{tuple(log_probs.shape)}; pass log_softmax of the whole dataset's cluster logits."
+        )
+    if not log_probs.is_floating_point() or torch.isnan(log_probs).any() or (log_probs == math.inf).any():
+        raise ValueError(
+            "Equipartition needs float log-probabilities without NaN or +inf; check the model's "
+            "logits (a diverged head gives NaN)."
+        )
+    if torch.isinf(log_probs).all(dim=1).any():
+        raise ValueError(
+            "Equipartition needs every sample to have a finite log-probability for some cluster; "
+            "a row of -inf cannot be given any label."
+        )
+    if lam <= 0:
+        raise ValueError(f"Equipartition lambda must be > 0, got {lam}; SeLa uses 25.")
+    if iterations < 1 or tolerance <= 0:
+        raise ValueError(
+            f"Equipartition needs iterations >= 1 and tolerance > 0, got {iterations} and {tolerance}."
+        )

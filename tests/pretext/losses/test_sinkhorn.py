@@ -1,0 +1,147 @@
+"""Sinkhorn-Knopp against entry-by-entry references, its marginals, and 2 gloo ranks against one."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ssl_cli.pretext.losses.sinkhorn import equipartition, equipartition_labels, sinkhorn
+from ssl_cli.train.distributed import ProcessGroup
+
+
+def reference_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """SwAV's `distributed_sinkhorn` for one process, one float at a time (no max shift)."""
+    batch, prototypes = scores.shape
+    q = [[math.exp(scores[b, k].item() / epsilon) for b in range(batch)] for k in range(prototypes)]
+    total = sum(sum(row) for row in q)
+    q = [[value / total for value in row] for row in q]
+    for _ in range(iterations):
+        for k in range(prototypes):
+            row_sum = sum(q[k])
+            q[k] = [value / row_sum / prototypes for value in q[k]]
+        for b in range(batch):
+            column_sum = sum(q[k][b] for k in range(prototypes))
+            for k in range(prototypes):
+                q[k][b] = q[k][b] / column_sum / batch
+    return torch.tensor([[q[k][b] * batch for k in range(prototypes)] for b in range(batch)], dtype=torch.float64)
+
+
+def reference_equipartition(log_probs: torch.Tensor, lam: float, rounds: int) -> torch.Tensor:
+    """SeLa's `optimize_L_sk` in exp space, one float at a time, rows then rescaled to sum to 1."""
+    samples, clusters = log_probs.shape
+    p = [[math.exp(lam * log_probs[n, k].item()) for k in range(clusters)] for n in range(samples)]
+    row_scale, column_scale = [1.0] * samples, [1.0] * clusters
+    for _ in range(rounds):
+        row_scale = [1 / samples / sum(p[n][k] * column_scale[k] for k in range(clusters)) for n in range(samples)]
+        column_scale = [1 / clusters / sum(p[n][k] * row_scale[n] for n in range(samples)) for k in range(clusters)]
+    q = [[p[n][k] * column_scale[k] for k in range(clusters)] for n in range(samples)]
+    return torch.tensor([[value / sum(row) for value in row] for row in q], dtype=torch.float64)
+
+
+def cosine_scores(batch: int, prototypes: int, seed: int, dim: int = 16) -> torch.Tensor:
+    """(batch, prototypes) dot products of unit features with unit prototypes, as SwAV scores them."""
+    generator = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(batch, dim, generator=generator, dtype=torch.float64), dim=1)
+    centres = F.normalize(torch.randn(prototypes, dim, generator=generator, dtype=torch.float64), dim=1)
+    return features @ centres.T
+
+
+def test_sinkhorn_matches_the_reference():
+    scores = cosine_scores(7, 5, seed=0)
+    for epsilon, iterations in [(0.05, 3), (0.3, 1), (0.1, 10)]:
+        torch.testing.assert_close(sinkhorn(scores, epsilon, iterations), reference_sinkhorn(scores, epsilon, iterations))
+
+
+def test_sinkhorn_is_float32_or_float64_detached_and_shift_invariant():
+    scores = cosine_scores(6, 4, seed=1).requires_grad_()
+    codes = sinkhorn(scores)
+    assert codes.dtype == torch.float64 and not codes.requires_grad
+    assert sinkhorn(scores.detach().half()).dtype == torch.float32
+    # Far beyond exp's range at epsilon 0.05, yet the same codes: the max is subtracted first.
+    torch.testing.assert_close(sinkhorn(scores.detach() + 1000.0), codes)
+
+
+def test_sinkhorn_marginals_become_uniform():
+    batch, prototypes = 64, 8
+    codes = sinkhorn(cosine_scores(batch, prototypes, seed=2), iterations=50)
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(batch, dtype=torch.float64))
+    prototype_totals = codes.sum(dim=0)
+    assert (prototype_totals / (batch / prototypes) - 1).abs().max() < 1e-3
+
+
+def test_equipartition_matches_the_reference():
+    generator = torch.Generator().manual_seed(3)
+    log_probs = F.log_softmax(torch.randn(12, 3, generator=generator, dtype=torch.float64), dim=1)
+    ours = equipartition(log_probs, lam=3.0, tolerance=1e-12)
+    torch.testing.assert_close(ours, reference_equipartition(log_probs, 3.0, rounds=300))
+
+
+def test_equipartition_balances_clusters_that_argmax_would_leave_empty():
+    samples, clusters = 400, 5
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(samples, clusters, generator=generator, dtype=torch.float64)
+    logits[:, 0] += 8.0  # every sample prefers cluster 0
+    logits[:, 4] -= 1000.0  # exp(25 * log p) underflows to 0 for the whole column
+    log_probs = F.log_softmax(logits, dim=1)
+    soft = equipartition(log_probs)
+    assert soft.dtype == torch.float64 and torch.isfinite(soft).all()
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(samples, dtype=torch.float64))
+    assert (soft.sum(dim=0) / (samples / clusters) - 1).abs().max() < 1e-3
+
+    labels = equipartition_labels(log_probs)
+    assert labels.dtype == torch.int64 and labels.shape == (samples,)
+    assert torch.equal(labels, soft.argmax(dim=1))
+    assert log_probs.argmax(dim=1).unique().tolist() == [0]
+    assert labels.unique().tolist() == list(range(clusters))
+
+
+def test_bad_inputs_are_explained():
+    with pytest.raises(ValueError, match=r"\(B, K\)"):
+        sinkhorn(torch.zeros(5))
+    with pytest.raises(ValueError, match=r"\(B, K\)"):
+        sinkhorn(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        sinkhorn(torch.zeros(2, 3), epsilon=0.0)
+    with pytest.raises(ValueError, match="at least 1 iteration"):
+        sinkhorn(torch.zeros(2, 3), iterations=0)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        equipartition(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        equipartition(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="row of -inf"):
+        equipartition(torch.tensor([[0.0, 0.0], [-math.inf, -math.inf]]))
+    with pytest.raises(ValueError, match="lambda must be > 0"):
+        equipartition(torch.zeros(2, 3), lam=0.0)
+
+
+# --- two gloo ranks, as torchrun runs them -----------------------------------------------------
+
+WORLD, EPSILON, ITERATIONS = 2, 0.05, 3
+ROWS = [3, 5]  # unequal on purpose: B_total is summed over the ranks, not W * B
+
+
+def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        scores = cosine_scores(sum(ROWS), 6, seed=5)
+        start = sum(ROWS[:rank])
+        codes = sinkhorn(scores[start:start + ROWS[rank]], EPSILON, ITERATIONS, ProcessGroup(rank, WORLD, rank))
+        torch.save(codes, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_reproduce_the_single_process_codes(tmp_path: Path):
+    # fork, not spawn: the children inherit the imported torch instead of paying ~5 s each to import it
+    mp.start_processes(_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="fork")
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert [codes.shape[0] for codes in per_rank] == ROWS
+    whole = sinkhorn(cosine_scores(sum(ROWS), 6, seed=5), EPSILON, ITERATIONS)
+    torch.testing.assert_close(torch.cat(per_rank), whole)
