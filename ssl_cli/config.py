@@ -198,8 +198,8 @@ class PretextConfig(TrainConfig):
     DISPLAY_ONLY: ClassVar[frozenset[str]] = TrainConfig.DISPLAY_ONLY | {"monitor_data", "monitor_every"}
 
     task: str = Field(description="pretext task, by family: handcrafted (jigsaw, jigsawpp, rotation, context, "
-                      "colorization, inpainting), contrastive (simclr, simclr2, moco, moco2, pirl), reconstructive "
-                      "(autoencoder)")
+                      "colorization, inpainting), contrastive (simclr, simclr2, moco, moco2, pirl), clustering "
+                      "(deepcluster, sela, swav), reconstructive (autoencoder)")
     arch: str = Field(description="backbone architecture")
     data: str
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg")
