@@ -191,15 +191,37 @@ def cluster(
     backend: Annotated[Optional[str], typer.Option("--backend", help="faiss, or torch (CPU/CUDA, all-reduce under torchrun) [default: faiss]", show_default=False)] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="faiss on GPUs: auto (all visible), on, off [default: auto]", show_default=False)] = None,
     chunk_rows: Annotated[Optional[int], typer.Option("--chunk-rows", help=describe(ClusterConfig, "chunk_rows"), show_default=False)] = None,
-    seed: Seed = None, device: Device = None, force: Force = None, progress: Progress = None, config: ConfigFile = None,
+    method: Annotated[Optional[str], typer.Option("--method", help=describe(ClusterConfig, "method") + " [default: kmeans]", show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help=describe(ClusterConfig, "model"), show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help=describe(ClusterConfig, "data"), show_default=False)] = None,
+    assign_data: Annotated[Optional[str], typer.Option("--assign-data", help=describe(ClusterConfig, "assign_data"), show_default=False)] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help=describe(ClusterConfig, "layer"), show_default=False)] = None,
+    pool_size: Annotated[Optional[int], typer.Option("--pool-size", help=describe(ClusterConfig, "pool_size"), show_default=False)] = None,
+    neighbours: Annotated[Optional[Path], typer.Option("--neighbours", help=describe(ClusterConfig, "neighbours"), show_default=False)] = None,
+    neighbours_k: Annotated[Optional[int], typer.Option("--neighbours-k", help=describe(ClusterConfig, "neighbours_k") + " [default: 20]", show_default=False)] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", help=describe(ClusterConfig, "heads") + " [default: 10]", show_default=False)] = None,
+    entropy_weight: Annotated[Optional[float], typer.Option("--entropy-weight", help=describe(ClusterConfig, "entropy_weight") + " [default: 5]", show_default=False)] = None,
+    scan_epochs: Annotated[Optional[int], typer.Option("--scan-epochs", help=describe(ClusterConfig, "scan_epochs") + " [default: 30]", show_default=False)] = None,
+    self_label: Annotated[Optional[bool], typer.Option("--self-label/--no-self-label", help=describe(ClusterConfig, "self_label") + " [default: on]", show_default=False)] = None,
+    self_label_epochs: Annotated[Optional[int], typer.Option("--self-label-epochs", help=describe(ClusterConfig, "self_label_epochs") + " [default: 10]", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help=describe(ClusterConfig, "threshold") + " [default: 0.99]", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=describe(ClusterConfig, "batch_size") + " [default: 256]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=describe(ClusterConfig, "lr") + " [default: 0.001]", show_default=False)] = None,
+    seed: Seed = None, device: Device = None, workers: Workers = None, force: Force = None, progress: Progress = None,
+    config: ConfigFile = None,
 ) -> None:
-    """k-means on PCA-whitened, L2-normalised features -> clusters.h5 (+ NMI/ARI/accuracy with targets)."""
+    """k-means on PCA-whitened, L2-normalised features -> clusters.h5 (+ NMI/ARI/accuracy with targets);
+    --method scan: SCAN from a pretext --model and --data images."""
     from ssl_cli.stages import cluster as stage
 
     cfg = resolve(ClusterConfig, config, {
         "features": features, "k": k, "out": out, "pca_dim": pca_dim, "pca_sample": pca_sample, "niter": niter,
         "max_points_per_centroid": max_points_per_centroid, "backend": backend, "gpu": gpu, "chunk_rows": chunk_rows,
-        "seed": seed, "device": device, "force": force, "progress": progress})
+        "method": method, "model": model, "data": data, "assign_data": assign_data, "layer": layer,
+        "pool_size": pool_size, "neighbours": neighbours, "neighbours_k": neighbours_k, "heads": heads,
+        "entropy_weight": entropy_weight, "scan_epochs": scan_epochs, "self_label": self_label,
+        "self_label_epochs": self_label_epochs, "threshold": threshold, "batch_size": batch_size, "lr": lr,
+        "seed": seed, "device": device, "workers": workers, "force": force, "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
 
 

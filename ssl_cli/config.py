@@ -29,7 +29,8 @@ class StageConfig(BaseModel):
 
     # Paths of inputs: their content enters the fingerprint through the inputs' own fingerprints,
     # so a moved project folder or a relative-vs-absolute spelling does not make outputs stale.
-    INPUT_PATHS: ClassVar[frozenset[str]] = frozenset({"data", "model", "weights", "features", "clusters", "labels"})
+    INPUT_PATHS: ClassVar[frozenset[str]] = frozenset({"data", "model", "weights", "features", "clusters", "labels",
+                                                       "assign_data", "neighbours"})
 
     def result_config(self) -> dict[str, Any]:
         """The fields that change the result: what the fingerprint covers."""
@@ -69,8 +70,14 @@ class ExtractConfig(StageConfig):
         return config
 
 
+SCAN_FIELDS = ("model", "data", "assign_data", "layer", "pool_size", "neighbours", "neighbours_k", "heads",
+               "entropy_weight", "scan_epochs", "self_label", "self_label_epochs", "threshold", "batch_size", "lr")
+
+
 class ClusterConfig(StageConfig):
-    features: Path
+    method: Literal["kmeans", "scan"] = Field("kmeans", description="kmeans on --features, or scan (a pretext "
+                                              "--model's neighbours, clustering heads, self-labelling) on --data")
+    features: Path | None = Field(None, description="features.h5 from `ssl extract` (kmeans)")
     k: int = Field(ge=2, description="number of clusters")
     pca_dim: int | Literal["auto"] = Field(
         "auto", description="PCA dimensions, whitened, before k-means: auto = 2 x (k - 1) capped at 256, at the "
@@ -82,7 +89,48 @@ class ClusterConfig(StageConfig):
     backend: Literal["faiss", "torch"] = Field("faiss")
     gpu: Literal["auto", "on", "off"] = Field("auto", description="faiss on every visible GPU")
     chunk_rows: int | None = Field(None, ge=1, description="rows read from disk at a time (default: 64 MiB of features)")
-    DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows"}
+    # --method scan
+    model: Path | None = Field(None, description="scan: the pretext checkpoint whose features find the neighbours")
+    data: str | None = Field(None, description="scan: the images to cluster (the heads train on them)")
+    assign_data: str | None = Field(None, description="scan: images the clusters file assigns (default: --data), e.g. "
+                                    "the test split of SCAN's protocol")
+    layer: str | None = Field(None, description="scan: the layer read (default: the checkpoint's feature layer)")
+    pool_size: int = Field(1, ge=1, le=16, description="scan: the layer's map is average-pooled to this side")
+    neighbours: Path | None = Field(None, description="scan: the neighbours file (default: <out>.neighbours.h5 beside "
+                                    "the output; reused when up to date)")
+    neighbours_k: int = Field(20, ge=1, description="scan: nearest neighbours of every image")
+    heads: int = Field(10, ge=1, le=100, description="scan: clustering heads trained at once; the lowest-loss one is kept")
+    entropy_weight: float = Field(5.0, ge=0, description="scan: weight of the entropy of the mean prediction")
+    scan_epochs: int = Field(30, ge=1, le=10_000, description="scan: epochs of the SCAN step")
+    self_label: bool = Field(True, description="scan: self-labelling on confident images after the SCAN step")
+    self_label_epochs: int = Field(10, ge=1, le=10_000, description="scan: epochs of self-labelling")
+    threshold: float = Field(0.99, gt=0, lt=1, description="scan: confidence that makes an image a self-label")
+    batch_size: int = Field(256, ge=1, le=65536, description="scan: images per step")
+    lr: float = Field(1e-3, gt=0, le=10, description="scan: AdamW learning rate of the heads")
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows", "neighbours"}
+
+    @model_validator(mode="after")
+    def _inputs_of_the_method(self) -> "ClusterConfig":
+        if self.method == "kmeans":
+            if self.features is None:
+                raise ValueError("k-means clusters --features; pass --features FEATURES.h5 (or --method scan with "
+                                 "--model and --data)")
+            given = [name for name in ("model", "data", "assign_data", "neighbours") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} belongs to --method scan; k-means reads --features")
+        elif self.model is None or self.data is None:
+            raise ValueError("--method scan needs --model (a pretext checkpoint) and --data (the images to cluster)")
+        elif self.features is not None:
+            raise ValueError("--method scan extracts its own features from --model; drop --features")
+        return self
+
+    def result_config(self) -> dict[str, Any]:
+        # k-means outputs keep the fingerprint they had before --method existed
+        config = super().result_config()
+        if self.method == "kmeans":
+            for name in ("method", *SCAN_FIELDS):
+                config.pop(name, None)
+        return config
 
     @field_validator("pca_dim", mode="before")
     @classmethod

@@ -15,10 +15,11 @@ from ssl_cli.errors import UserError
 # kind -> (major, minor) this code writes. A reader accepts any minor of the same major.
 SCHEMA_VERSIONS: dict[str, tuple[int, int]] = {
     "features": (1, 0),
-    "clusters": (1, 0),
+    "clusters": (1, 1),  # 1.1: --method scan writes a head (head_weight, head_bias) instead of centroids
     "labels": (1, 0),
     "images": (1, 0),
     "checkpoint": (1, 0),
+    "neighbours": (1, 0),  # SCAN's nearest neighbours of every image
 }
 SCHEMA_PREFIX = "ssl-cli/"
 

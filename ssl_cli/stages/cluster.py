@@ -1,4 +1,5 @@
-"""`ssl cluster`: PCA-whitening + L2 (DeepCluster), then k-means; sizes, empties and quality stored."""
+"""`ssl cluster`: PCA-whitening + L2 (DeepCluster), then k-means; sizes, empties and quality stored.
+`--method scan` is SCAN from a pretext checkpoint and images (`ssl_cli.stages.scan`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def pca_dim_for(cfg: ClusterConfig, features: H5Artifact) -> int:
 
 
 def provenance(cfg: ClusterConfig) -> Provenance:
+    if cfg.method == "scan":
+        from ssl_cli.stages import scan
+
+        return scan.provenance(cfg)
     with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
         return provenance_for(cfg, features)
 
@@ -52,6 +57,10 @@ def provenance(cfg: ClusterConfig) -> Provenance:
 @claim_scope()  # the output stays locked at least until run returns (see artifacts.lock)
 def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
+    if cfg.method == "scan":
+        from ssl_cli.stages import scan
+
+        return scan.run(cfg, reporter)
     with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
         provenance = provenance_for(cfg, features)
         plan = plan_output(cfg.out, provenance.fingerprint, cfg.force)
@@ -109,8 +118,11 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
 
 
 def summary_of(path) -> dict:
-    with H5Artifact(path, "clusters", required=("centroids",)) as clusters:
+    with H5Artifact(path, "clusters", required=("assignments",)) as clusters:
         attrs = clusters.attrs
+        if attrs.get("method") == "scan":
+            return {"k": attrs["k"], "rows": clusters.rows("assignments"), "method": "scan",
+                    "empty_clusters": attrs["n_empty"], "metrics": attrs.get("metrics") or None}
         pca_dim, whitened = pca_used(clusters)
         return {"k": attrs["k"], "rows": clusters.rows("assignments"),
                 "pca": describe_pca(pca_dim, whitened, (attrs.get("config") or {}).get("pca_dim")),

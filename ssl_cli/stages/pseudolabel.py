@@ -1,10 +1,14 @@
 """`ssl pseudolabel`: nearest centroid after the clusters' own preprocessing, streamed in chunks.
 
 The features may come from another dataset than the one clustered (Noroozi et al. label one set
-with clusters found on another); only the feature dimension has to match.
+with clusters found on another); only the feature dimension has to match. Clusters of
+`ssl cluster --method scan` carry a head instead of centroids: a row's label is the head's top class on
+its L2-normalised features, its distance 1 - that probability and its confidence the probability.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,9 +32,9 @@ COLUMNS = {"sample_ids": ((), str), "labels": ((), np.int64), "distance": ((), n
 @claim_scope()  # the output stays locked at least until run returns (see artifacts.lock)
 def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
-    with H5Artifact(cfg.clusters, "clusters", required=("centroids",)) as clusters, \
+    with H5Artifact(cfg.clusters, "clusters") as clusters, \
             H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
-        centroids = clusters.array("centroids").astype(np.float32)
+        centroids = cluster_model(clusters)
         pca = pca_from_artifact(clusters)
         check_dimensions(features, clusters, centroids, pca)
         provenance = provenance_for(cfg, clusters, features)
@@ -70,9 +74,44 @@ def provenance_for(cfg: PseudolabelConfig, clusters: H5Artifact, features: H5Art
 
 
 def provenance(cfg: PseudolabelConfig) -> Provenance:
-    with H5Artifact(cfg.clusters, "clusters", required=("centroids",)) as clusters, \
+    with H5Artifact(cfg.clusters, "clusters") as clusters, \
             H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
         return provenance_for(cfg, clusters, features)
+
+
+@dataclass(frozen=True)
+class ScanHead:
+    """SCAN's clustering head: weight (k, D), bias (k,); sized like the (k, D) centroids it stands for."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    def __len__(self) -> int:
+        return len(self.weight)
+
+
+def cluster_model(clusters: H5Artifact) -> "np.ndarray | ScanHead":
+    """k-means centroids (k, D), or a SCAN head."""
+    if "head_weight" in clusters:
+        return ScanHead(clusters.array("head_weight").astype(np.float32), clusters.array("head_bias").astype(np.float32))
+    if "centroids" not in clusters:
+        raise UserError(f"{clusters.path} has neither centroids (k-means) nor a head (scan); the file is damaged, "
+                        "recompute it with `ssl cluster`")
+    return clusters.array("centroids").astype(np.float32)
+
+
+def head_labels(block: np.ndarray, head: ScanHead) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(b, D) features -> (labels, distances 1 - p, confidence p) of SCAN's head on the L2-normalised rows."""
+    import torch
+
+    unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)), dim=1)
+    probs = (unit @ torch.from_numpy(head.weight).T + torch.from_numpy(head.bias)).softmax(1)
+    top, labels = probs.max(1)
+    return labels.numpy().astype(np.int64), (1 - top).numpy().astype(np.float32), top.numpy().astype(np.float32)
 
 
 def check_dimensions(features: H5Artifact, clusters: H5Artifact, centroids: np.ndarray, pca) -> None:
@@ -91,14 +130,20 @@ def label_rows(features: H5Artifact, centroids: np.ndarray, pca, writer: RowWrit
     # The ids go from file to file as the UTF-8 bytes HDF5 holds: decoding and re-encoding them
     # cost as much as reading and normalising the features.
     ids = features["sample_ids"]
+    blocks = features.iter_rows("features", chunk_rows, start=writer.rows_done) if isinstance(centroids, ScanHead) \
+        else preprocessed_blocks(features, pca, chunk_rows, start=writer.rows_done)
     with reporter.progress("pseudolabel", total=n, completed=writer.rows_done) as advance:
-        for offset, block in preprocessed_blocks(features, pca, chunk_rows, start=writer.rows_done):
-            distances, nearest = nearest_centroids(block, centroids, min(2, len(centroids)), "faiss")
-            second = distances[:, 1] if distances.shape[1] > 1 else distances[:, 0]
+        for offset, block in blocks:
+            if isinstance(centroids, ScanHead):
+                labels, distance, confidence = head_labels(block, centroids)
+            else:
+                distances, nearest = nearest_centroids(block, centroids, min(2, len(centroids)), "faiss")
+                second = distances[:, 1] if distances.shape[1] > 1 else distances[:, 0]
+                labels, distance = nearest[:, 0], distances[:, 0]
+                confidence = (second - distances[:, 0]).astype(np.float32)
             end = offset + len(block)
             writer.append(
-                sample_ids=ids[offset:end], labels=nearest[:, 0],
-                distance=distances[:, 0], confidence=(second - distances[:, 0]).astype(np.float32),
+                sample_ids=ids[offset:end], labels=labels, distance=distance, confidence=confidence,
                 targets=targets[offset:end] if targets is not None else np.full(len(block), -1, np.int64),
             )
             advance(len(block))

@@ -16,8 +16,9 @@ Wu et al. 2018; without it, at T = 0.07 the sum over thousands of negatives star
 thousands); it is a buffer, so resume keeps it. Bank and Z are in the checkpoint.
 
 Options: temperature [0.07], negatives [32000], bank_momentum [0.5], weight (lambda) [0.5],
-projection_dim [128], jigsaw_size (crop the tiles are cut from) [max(image size, 30)], views [auto]
-and any view recipe field.
+projection_dim [128], jigsaw_size (crop the tiles are cut from) [max(image size, 30)], loss [nce: the
+paper's; infonce: the softmax cross entropy over the positive and the drawn negatives, which needs no
+Z], views [auto] and any view recipe field.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch.nn import functional as F
 
 from ssl_cli.data.resized import to_uint8
 from ssl_cli.data.sources import ImageSource
+from ssl_cli.errors import UserError
 from ssl_cli.pretext.base import minimum_trunk_input
 from ssl_cli.pretext.contrastive.base import GREY_SAMPLE, ContrastiveTask, check_number
 from ssl_cli.pretext.dataset import PretextDataset
@@ -51,13 +53,16 @@ class PIRLTask(ContrastiveTask):
 
     def __init__(self, image_size: int, temperature: float = 0.07, negatives: int = PAPER_NEGATIVES,
                  bank_momentum: float = 0.5, weight: float = PIRL_WEIGHT, projection_dim: int = 128,
-                 jigsaw_size: int | None = None, views: str = "auto", **view_options: Any):
+                 jigsaw_size: int | None = None, loss: str = "nce", views: str = "auto", **view_options: Any):
         super().__init__(image_size, views, **view_options)
         check_number(self.name, "temperature", temperature, 1e-3, 10)
         check_number(self.name, "negatives", negatives, 1, 10_000_000, integer=True)
         check_number(self.name, "bank_momentum", bank_momentum, 0.0, 1.0)
         check_number(self.name, "weight", weight, 0.0, 1.0)
         check_number(self.name, "projection_dim", projection_dim, 1, 65536, integer=True)
+        if loss not in ("nce", "infonce"):
+            raise UserError(f"{self.name}: loss must be nce or infonce, got {loss!r}")
+        self.loss_kind = loss
         smallest = minimum_image_size(GRID, None)
         jigsaw_size = jigsaw_size if jigsaw_size is not None else max(image_size, smallest)
         check_number(self.name, "jigsaw_size", jigsaw_size, smallest, 4096, integer=True)
@@ -70,7 +75,8 @@ class PIRLTask(ContrastiveTask):
 
     def options(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "negatives": self.negatives, "bank_momentum": self.bank_momentum,
-                "weight": self.weight, "projection_dim": self.projection_dim, "jigsaw_size": self.jigsaw_size}
+                "weight": self.weight, "projection_dim": self.projection_dim, "jigsaw_size": self.jigsaw_size,
+                "loss": self.loss_kind}
 
     def negatives_drawn(self) -> int:
         return min(self.negatives, self.size_of_dataset - 1) if self.size_of_dataset else self.negatives
@@ -139,7 +145,7 @@ class PIRLTask(ContrastiveTask):
                                                    self.temperature), device=head.partition.device)
             head.partition.fill_(float(all_reduce_sum(z, context.group)) / context.group.world)
         loss = nce_bank(image_features, transformed, bank.bank, context.indices, negatives, self.temperature,
-                        self.weight, float(head.partition))
+                        self.weight, float(head.partition), self.loss_kind)
         with torch.no_grad():
             bank.update(all_gather_no_grad(context.indices, context.group),
                         all_gather_no_grad(image_features, context.group), self.bank_momentum)

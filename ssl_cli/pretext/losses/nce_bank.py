@@ -47,12 +47,14 @@ PIRL_WEIGHT = 0.5  # the paper's lambda: the transformed and untransformed terms
 
 def nce_bank(image_features: torch.Tensor, transformed_features: torch.Tensor, bank: torch.Tensor,
              indices: torch.Tensor, negatives: torch.Tensor, temperature: float,
-             weight: float = PIRL_WEIGHT, partition: float = 1.0) -> torch.Tensor:
+             weight: float = PIRL_WEIGHT, partition: float = 1.0, kind: str = "nce") -> torch.Tensor:
     """Scalar PIRL loss lambda L_NCE(m_I, g(v_It)) + (1 - lambda) L_NCE(m_I, f(v_I)).
 
     image_features f(v_I) (B, D'), transformed_features g(v_It) (B, D'), bank (|D|, D'),
     indices (B,) the images' bank rows, negatives (B, N) bank rows of other images.
     weight: lambda in [0, 1]. partition: the normaliser Z (module docstring), > 0.
+    kind: "nce" (the paper's binary noise-contrastive terms) or "infonce" (each term the softmax cross
+    entropy of the positive among [positive, N negatives] at the temperature, as MoCo's loss; no Z).
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"PIRL's weight lambda must lie in [0, 1], got {weight}; the paper uses 0.5.")
@@ -81,8 +83,13 @@ def nce_bank(image_features: torch.Tensor, transformed_features: torch.Tensor, b
             negative = torch.gather(anchor @ bank.T, 1, negatives)
         else:
             negative = torch.einsum("bd,bnd->bn", anchor, bank[negatives])
+        if kind == "infonce":
+            logits = torch.cat([positive[:, None], negative], dim=1) / temperature
+            return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
         return nce_from_similarities(positive, negative, temperature, noise_ratio, partition)
 
+    if kind not in ("nce", "infonce"):
+        raise ValueError(f"PIRL's loss is nce or infonce, got {kind!r}")
     return weight * term(transformed_features) + (1.0 - weight) * term(image_features)
 
 

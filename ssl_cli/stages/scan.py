@@ -1,0 +1,213 @@
+"""`ssl cluster --method scan`: SCAN's three steps from a pretext checkpoint and images (see
+`ssl_cli.clustering.scan`), each a resumable artifact beside the output:
+
+  <stem>.features.h5     `ssl extract` of --data at --layer (avg-pooled to --pool-size)
+  <stem>.neighbours.h5   the --neighbours-k nearest neighbours of every image (or --neighbours PATH):
+                         sample_ids, indices (N, K), cosine distances (N, K); attrs: agreement
+  <stem>.scan.pt         the clustering heads after the SCAN step (the shared training loop)
+  <stem>.selflabel.pt    the kept head after self-labelling (unless --no-self-label)
+  <out>                  the clusters artifact `ssl cluster` writes for k-means: assignments, per-row
+                         confidence (the head's top probability; distances = 1 - confidence),
+                         cluster sizes, NMI/ARI/ACC against targets; plus the head (head_weight (k, D),
+                         head_bias (k,)) that `ssl pseudolabel` applies to any features of that layer
+
+With --assign-data, the clusters are those of other images (SCAN's protocol: train on the training
+split, score the test split); their features go to <stem>.assign-features.h5.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ssl_cli.artifacts.checkpoint import load_checkpoint
+from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
+from ssl_cli.artifacts.outputs import plan_output
+from ssl_cli.artifacts.schema import make_provenance
+from ssl_cli.clustering.metrics import cluster_quality
+from ssl_cli.clustering.scan import (ClusterHeads, NeighbourPairs, head_losses, mine_neighbours, neighbour_agreement,
+                                     scan_step)
+from ssl_cli.config import ClusterConfig, ExtractConfig
+from ssl_cli.data.batch_augment import BatchAugment, normalise_mode
+from ssl_cli.data.resized import ResizedImages
+from ssl_cli.data.sources import open_source
+from ssl_cli.errors import UserError
+from ssl_cli.models.layers import LayerReader
+from ssl_cli.pretext.losses.scan import self_label_loss
+from ssl_cli.report import Reporter
+from ssl_cli.stages import StageResult
+from ssl_cli.stages import extract as extract_stage
+from ssl_cli.train.loop import TrainOptions, train
+from ssl_cli.train.recipe import default_shift
+
+STRONG_MIN_SCALE = 0.3  # the grey view recipe's smallest crop (`ssl_cli.data.views`)
+STRONG_JITTER = 0.4
+# what the SCAN step's heads depend on beside the neighbours (the self-labelling settings do not)
+SCAN_STEP_FIELDS = ("k", "heads", "entropy_weight", "scan_epochs", "batch_size", "lr", "seed", "neighbours_k")
+
+
+def paths(cfg: ClusterConfig) -> dict[str, Path]:
+    stem = cfg.out.with_suffix("")
+    return {"features": stem.with_name(stem.name + ".features.h5"),
+            "neighbours": cfg.neighbours or stem.with_name(stem.name + ".neighbours.h5"),
+            "scan": stem.with_name(stem.name + ".scan.pt"), "selflabel": stem.with_name(stem.name + ".selflabel.pt"),
+            "assign": stem.with_name(stem.name + ".assign-features.h5")}
+
+
+def extract_config(cfg: ClusterConfig, data: str, out: Path) -> ExtractConfig:
+    return ExtractConfig(data=data, model=cfg.model, layer=cfg.layer, pool="avg", pool_size=cfg.pool_size, out=out,
+                         batch_size=256, workers=cfg.workers, device=cfg.device, progress=cfg.progress)
+
+
+def provenance(cfg: ClusterConfig):
+    """The clusters' provenance: the settings and the fingerprints of the features they come from."""
+    files = paths(cfg)
+    inputs = [{"path": str(cfg.model), "fingerprint": extract_stage.provenance(
+        extract_config(cfg, cfg.data, files["features"])).fingerprint}]
+    if cfg.assign_data is not None:
+        inputs.append({"path": cfg.assign_data, "fingerprint": extract_stage.provenance(
+            extract_config(cfg, cfg.assign_data, files["assign"])).fingerprint})
+    return make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), cfg.result_config(), inputs)
+
+
+def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
+    began = time.perf_counter()
+    files = paths(cfg)
+    if not cfg.model.exists():
+        raise UserError(f"--model {cfg.model} does not exist; pass the checkpoint `ssl pretext` wrote")
+    record = provenance(cfg)
+    plan = plan_output(cfg.out, record.fingerprint, cfg.force)
+    if plan.up_to_date:
+        reporter.info(f"{cfg.out} is up to date; skipped")
+        from ssl_cli.stages.cluster import summary_of
+
+        return StageResult("cluster", cfg.out, plan.state.value, summary_of(cfg.out))
+    source = open_source(cfg.data)
+    if cfg.k > len(source):
+        raise UserError(f"--k {cfg.k} is larger than the {len(source)} images of --data; use --k {len(source)} or less")
+    extract_stage.run(extract_config(cfg, cfg.data, files["features"]), reporter)
+    features, targets, ids, fingerprint = read_features(files["features"])
+    neighbours, agreement = neighbours_of(cfg, files["neighbours"], features, targets, ids, fingerprint, reporter)
+
+    prepared = extract_stage.prepare(extract_config(cfg, cfg.data, files["features"]))
+    network = prepared.network
+    reader = LayerReader(network.model, network.spec, prepared.layer, "avg", cfg.pool_size)
+    size = network.input_size
+    normalise = normalise_mode(network.input_mode, network.per_image_normalise)
+    weak = BatchAugment(network.mean, network.std, shift=default_shift(size), flip=True, normalise=normalise)
+    model = ClusterHeads(reader, features.shape[1], cfg.k, cfg.heads)
+    options = TrainOptions(epochs=cfg.scan_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.lr,
+                           optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
+                           device=cfg.device, workers=cfg.workers, progress=cfg.progress)
+    pairs = NeighbourPairs(source, np.asarray(source.targets), neighbours, size, cfg.seed)
+    scan_record = make_provenance("checkpoint", "scan", cfg.model_dump(mode="json"),
+                                  {"step": "scan", **{name: getattr(cfg, name) for name in SCAN_STEP_FIELDS}},
+                                  [{"path": str(files["neighbours"]), "fingerprint": fingerprint}])
+    train(model, pairs, scan_step(cfg.entropy_weight), options, files["scan"], scan_record,
+          lambda m: {"model": m.heads.state_dict(), "meta": {"task": "scan-heads", "k": cfg.k}}, force=cfg.force,
+          reporter=reporter, batch_transform=lambda inputs, g: [weak(inputs[0], g), weak(inputs[1], g)])
+    model.heads.load_state_dict(load_checkpoint(files["scan"])["model"])
+    unit = F.normalize(torch.from_numpy(features), dim=1)
+    losses = head_losses(model.heads.cpu(), unit, neighbours, cfg.entropy_weight)
+    best = int(np.argmin(losses))
+    head = model.heads[best]
+    confident = None
+    if cfg.self_label:
+        head, confident = self_label(cfg, files, source, network, reader, head, weak, normalise, scan_record, reporter)
+
+    if cfg.assign_data is not None:
+        extract_stage.run(extract_config(cfg, cfg.assign_data, files["assign"]), reporter)
+        features, targets, ids, _ = read_features(files["assign"])
+        unit = F.normalize(torch.from_numpy(features), dim=1)
+    with torch.no_grad():
+        probs = head.cpu()(unit).float().softmax(1).numpy()
+    assignments = probs.argmax(1).astype(np.int64)
+    confidence = probs.max(1).astype(np.float32)
+    sizes = np.bincount(assignments, minlength=cfg.k)
+    quality = cluster_quality(targets, assignments)
+    seconds = time.perf_counter() - began
+    summary = {"k": cfg.k, "rows": len(assignments), "method": "scan", "head": best,
+               "head_losses": [round(v, 4) for v in losses], "neighbour_agreement": agreement,
+               "self_labelled": confident, "empty_clusters": int((sizes == 0).sum()),
+               "largest_cluster": int(sizes.max()), "seconds": round(seconds, 3), "metrics": quality}
+    out = write_arrays(cfg.out, record, {
+        "assignments": assignments, "confidence": confidence, "distances": 1.0 - confidence, "sample_ids": ids,
+        "targets": targets, "cluster_sizes": sizes.astype(np.int64),
+        "head_weight": head.weight.detach().cpu().numpy().astype(np.float32),
+        "head_bias": head.bias.detach().cpu().numpy().astype(np.float32),
+    }, attrs={"k": cfg.k, "method": "scan", "n_empty": summary["empty_clusters"], "metrics": quality or {},
+              "seconds": seconds, "head": best, "head_losses": losses, "neighbour_agreement": agreement,
+              "self_labelled": confident, "layer": prepared.layer, "pool_size": cfg.pool_size,
+              "pca_dim_used": 0, "pca_whitened": False, "features_l2": True})
+    return StageResult("cluster", out, "written", {k: v for k, v in summary.items() if v is not None})
+
+
+def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(features (N, D) float32, targets (N,), sample ids (N,), fingerprint) of an extract output."""
+    with H5Artifact(path, "features", required=("features", "sample_ids")) as handle:
+        targets = handle.array("targets") if "targets" in handle else np.full(handle.rows("features"), -1, np.int64)
+        return (handle.array("features").astype(np.float32), targets.astype(np.int64), handle.strings("sample_ids"),
+                handle.fingerprint)
+
+
+def neighbours_of(cfg: ClusterConfig, path: Path, features: np.ndarray, targets: np.ndarray, ids: np.ndarray,
+                  features_fingerprint: str, reporter: Reporter) -> tuple[np.ndarray, float | None]:
+    """The (N, K) neighbour indices from `path` when it was made from these features, else mined and written."""
+    record = make_provenance("neighbours", "scan", {"neighbours_k": cfg.neighbours_k},
+                             {"neighbours_k": cfg.neighbours_k}, [{"path": str(path.name), "fingerprint": features_fingerprint}])
+    if path.exists():
+        with H5Artifact(path, "neighbours", required=("indices", "sample_ids")) as existing:
+            if len(existing["sample_ids"]) != len(ids) or not np.array_equal(existing.strings("sample_ids"), ids):
+                raise UserError(f"{path} holds the neighbours of other images than --data {cfg.data}; pass another "
+                                "--neighbours path or delete it")
+            if existing.fingerprint == record.fingerprint:
+                reporter.info(f"{path} is up to date; reused")
+                return existing.array("indices"), existing.attrs.get("agreement")
+    plan_output(path, record.fingerprint, cfg.force)  # an existing file made otherwise needs --force
+    with reporter.progress(f"neighbours (k={cfg.neighbours_k}, cosine)", total=None):
+        indices, distances = mine_neighbours(torch.from_numpy(features), cfg.neighbours_k)
+    agreement = neighbour_agreement(indices, targets)
+    write_arrays(path, record, {"sample_ids": ids, "indices": indices, "distances": distances},
+                 {"k": cfg.neighbours_k, **({"agreement": agreement} if agreement is not None else {})})
+    if agreement is not None:
+        reporter.info(f"neighbours: {agreement:.3f} of them share the image's class")
+    return indices, agreement
+
+
+def self_label(cfg: ClusterConfig, files: dict[str, Path], source, network, reader, head, weak: BatchAugment,
+               normalise: str, scan_record, reporter: Reporter) -> tuple[torch.nn.Linear, int]:
+    """Train the kept head on its own confident predictions (strong views); returns it and the count of
+    images confident at the end of the last epoch's pass."""
+    size = network.input_size
+    strong = BatchAugment(network.mean, network.std, min_scale=STRONG_MIN_SCALE, shift=default_shift(size), flip=True,
+                          color_jitter=STRONG_JITTER, normalise=normalise)
+    model = ClusterHeads(reader, head.in_features, cfg.k, 1)
+    model.heads[0].load_state_dict(head.state_dict())
+    images = ResizedImages(source, np.arange(len(source)), np.asarray(source.targets), size)
+    threshold = cfg.threshold
+
+    def step(module, inputs, targets, context=None):
+        weak_view, strong_view = inputs
+        logits = module(torch.cat([weak_view, strong_view]))[0].float()
+        loss, count = self_label_loss(logits[: len(weak_view)], logits[len(weak_view):], threshold)
+        return loss, count / len(weak_view)  # "accuracy" of the metrics file: the confident fraction
+
+    options = TrainOptions(epochs=cfg.self_label_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.lr,
+                           optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
+                           device=cfg.device, workers=cfg.workers, progress=cfg.progress)
+    record = make_provenance("checkpoint", "scan", cfg.model_dump(mode="json"),
+                             {"step": "self-label", "threshold": cfg.threshold, "epochs": cfg.self_label_epochs},
+                             [{"path": str(files["scan"]), "fingerprint": scan_record.fingerprint}])
+    result = train(model, images, step, options, files["selflabel"], record,
+                   lambda m: {"model": m.heads.state_dict(), "meta": {"task": "scan-self-label", "k": cfg.k}},
+                   force=cfg.force, reporter=reporter,
+                   batch_transform=lambda x, g: [weak(x, g), strong(x, g)])
+    model.heads.load_state_dict(load_checkpoint(files["selflabel"])["model"])
+    history = result.history or load_checkpoint(files["selflabel"])["meta"]["history"]
+    return model.heads[0], int(round((history[-1]["accuracy"] or 0.0) * len(source)))
+
