@@ -139,10 +139,11 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
         "targets": targets, "cluster_sizes": sizes.astype(np.int64),
         "head_weight": head.weight.detach().cpu().numpy().astype(np.float32),
         "head_bias": head.bias.detach().cpu().numpy().astype(np.float32),
-    }, attrs={"k": cfg.k, "method": "scan", "n_empty": summary["empty_clusters"], "metrics": quality or {},
-              "seconds": seconds, "head": best, "head_losses": losses, "neighbour_agreement": agreement,
-              "self_labelled": confident, "layer": prepared.layer, "pool_size": cfg.pool_size,
-              "pca_dim_used": 0, "pca_whitened": False, "features_l2": True})
+    }, attrs={key: value for key, value in {
+        "k": cfg.k, "method": "scan", "n_empty": summary["empty_clusters"], "metrics": quality or {},
+        "seconds": seconds, "head": best, "head_losses": losses, "neighbour_agreement": agreement,
+        "self_labelled": confident, "layer": prepared.layer, "pool_size": cfg.pool_size,
+        "pca_dim_used": 0, "pca_whitened": False, "features_l2": True}.items() if value is not None})
     return StageResult("cluster", out, "written", {k: v for k, v in summary.items() if v is not None})
 
 

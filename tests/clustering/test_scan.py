@@ -1,0 +1,207 @@
+"""SCAN: neighbour mining, the heads recovering the classes of toy features from their neighbours, the
+`ssl cluster --method scan` chain on toy images (neighbours artifact, clusters that `ssl pseudolabel`
+reproduces, --assign-data, up to date on a re-run, `ssl run`), and the bad inputs of each step."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ssl_cli.clustering.metrics import nmi
+from ssl_cli.clustering.scan import ClusterHeads, head_losses, mine_neighbours, neighbour_agreement, scan_step
+from ssl_cli.errors import UserError
+
+TOY_CLASSES = 4
+
+
+def blobs(per_class: int = 40, classes: int = TOY_CLASSES, dim: int = 16, seed: int = 0):
+    """Unit-norm class blobs around random centres: (classes * per_class, dim) features and their classes."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim)) * 3
+    targets = np.repeat(np.arange(classes), per_class)
+    features = centres[targets] + rng.standard_normal((len(targets), dim))
+    return torch.tensor(features, dtype=torch.float32), targets
+
+
+def test_neighbours_are_the_nearest_others_by_cosine():
+    angles = torch.tensor([0.0, 0.1, 0.25, 1.5, 1.6, 3.0])
+    points = torch.stack([angles.cos(), angles.sin()], dim=1) * torch.tensor([[1.0], [5], [2], [1], [3], [1]])
+    indices, distances = mine_neighbours(points, 2)
+    assert indices.tolist() == [[1, 2], [0, 2], [1, 0], [4, 2], [3, 2], [4, 3]]
+    assert distances.shape == (6, 2) and (np.diff(distances, axis=1) >= 0).all()
+    assert distances[0, 0] == pytest.approx(1 - np.cos(0.1), abs=1e-6)
+
+
+def test_neighbours_need_more_images_than_k():
+    with pytest.raises(UserError, match="--neighbours-k 5 needs more than 5 images"):
+        mine_neighbours(torch.randn(5, 3), 5)
+
+
+def test_agreement_counts_neighbours_of_the_same_class():
+    assert neighbour_agreement(np.array([[1], [0], [0]]), np.array([0, 0, 1])) == pytest.approx(2 / 3)
+    assert neighbour_agreement(np.array([[1], [0]]), np.array([-1, 0])) is None
+
+
+def test_heads_recover_the_classes_of_toy_features_from_their_neighbours():
+    features, targets = blobs()
+    neighbours, _ = mine_neighbours(features, 5)
+    assert neighbour_agreement(neighbours, targets) > 0.95
+    torch.manual_seed(0)
+    model = ClusterHeads(nn.Identity(), features.shape[1], TOY_CLASSES, heads=3)
+    optimizer = torch.optim.Adam(model.heads.parameters(), lr=0.05)
+    step = scan_step(entropy_weight=5.0)
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        batch = rng.choice(len(features), 64, replace=False)
+        partner = neighbours[batch, rng.integers(5, size=64)]
+        loss, _ = step(model, [features[batch], features[partner]], None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unit = nn.functional.normalize(features, dim=1)
+    losses = head_losses(model.heads, unit, neighbours, 5.0)
+    best = model.heads[int(np.argmin(losses))]
+    assignments = best(unit).argmax(1).numpy()
+    assert nmi(targets, assignments) > 0.95
+    assert len(np.unique(assignments)) == TOY_CLASSES  # the entropy term keeps every cluster in use
+
+
+# --- the stage on toy images -------------------------------------------------------------------------
+
+COMMON = ["--k", str(TOY_CLASSES), "--scan-epochs", "12", "--self-label-epochs", "2", "--batch-size", "32", "--lr",
+          "0.01", "--heads", "3", "--neighbours-k", "5", "--workers", "0", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pretext_pt(toy_dir, tmp_path_factory, cli):
+    out = tmp_path_factory.mktemp("scan") / "rotation.pt"
+    result = cli("pretext", "--task", "rotation", "--arch", "alexnet_bn_lowres", "--width", "0.25", "--data", toy_dir,
+                 "--epochs", "1", "--batch-size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
+                 "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def scan_run(pretext_pt, toy_dir, cli):
+    out = pretext_pt.parent / "clusters.h5"
+    result = cli("cluster", "--method", "scan", "--model", pretext_pt, "--data", toy_dir, *COMMON, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_scan_writes_neighbours_and_clusters_of_the_kmeans_kind(scan_run, toy_dir):
+    out, output = scan_run
+    with h5py.File(out.with_name("clusters.neighbours.h5")) as handle:
+        assert handle["indices"].shape == (96, 5) and handle["distances"].shape == (96, 5)
+        assert handle["sample_ids"].shape == (96,)
+        assert 0 <= float(handle.attrs["agreement"]) <= 1
+    with h5py.File(out) as handle:
+        assert handle.attrs["schema"] == "ssl-cli/clusters@1.1" and handle.attrs["method"] == "scan"
+        assignments, confidence = handle["assignments"][...], handle["confidence"][...]
+        assert assignments.shape == confidence.shape == (96,) and assignments.max() < TOY_CLASSES
+        assert ((confidence >= 1 / TOY_CLASSES - 1e-6) & (confidence <= 1)).all()
+        assert handle["head_weight"].shape[0] == TOY_CLASSES
+        assert {"nmi", "ari", "acc_hungarian"} <= set(__import__("json").loads(handle.attrs["metrics"]))
+    assert "neighbour_agreement" in output and "nmi=" in output
+
+
+def test_pseudolabel_reproduces_the_scan_clusters(scan_run, cli, tmp_path):
+    out, _ = scan_run
+    labels = tmp_path / "labels.h5"
+    result = cli("pseudolabel", "--clusters", out, "--features", out.with_name("clusters.features.h5"), "--out", labels,
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as clusters, h5py.File(labels) as labelled:
+        assert np.array_equal(clusters["assignments"][...], labelled["labels"][...])
+        assert np.allclose(clusters["confidence"][...], labelled["confidence"][...], atol=1e-5)
+
+
+def test_a_rerun_is_up_to_date_and_assign_data_clusters_other_images(scan_run, toy_dir, cli, tmp_path, copy_to):
+    out, _ = scan_run
+    result = cli("cluster", "--method", "scan", "--model", out.with_name("rotation.pt"), "--data", toy_dir, *COMMON,
+                 "--out", out)
+    assert result.exit_code == 0 and "up to date" in result.output, result.output
+    other = copy_to(toy_dir, tmp_path)  # the same images under another path: a source of its own
+    assigned = out.with_name("assigned.h5")
+    result = cli("cluster", "--method", "scan", "--model", out.with_name("rotation.pt"), "--data", toy_dir, *COMMON,
+                 "--assign-data", other, "--neighbours", out.with_name("clusters.neighbours.h5"), "--out", assigned)
+    assert result.exit_code == 0, result.output
+    assert "clusters.neighbours.h5 is up to date" in result.output  # mined once, reused
+    with h5py.File(assigned) as handle:
+        assert handle["assignments"].shape == (96,)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "500"], "--k 500 is larger than the 96 images"),
+    (["--neighbours-k", "96"], "--neighbours-k 96 needs more than 96 images"),
+    (["--layer", "nosuch"], "nosuch"),
+    (["--features", "x.h5"], "drop --features"),
+])
+def test_bad_scan_inputs_exit_2_with_one_line(extra, message, pretext_pt, toy_dir, cli, tmp_path):
+    result = cli("cluster", "--method", "scan", "--model", pretext_pt, "--data", toy_dir, *COMMON, *extra,
+                 "--out", tmp_path / "c.h5")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_a_checkpoint_that_is_not_a_model_exits_2(scan_run, toy_dir, cli, tmp_path):
+    out, _ = scan_run
+    result = cli("cluster", "--method", "scan", "--model", out.with_name("clusters.scan.pt"), "--data", toy_dir,
+                 *COMMON, "--out", tmp_path / "c.h5")
+    assert result.exit_code == 2 and "not a model checkpoint" in result.output, result.output
+
+
+def test_a_neighbours_file_of_other_images_exits_2(scan_run, pretext_pt, cli, tmp_path, copy_to):
+    out, _ = scan_run
+    from ssl_cli.data.toy import write_toy_folder
+
+    images = tmp_path / "other"
+    write_toy_folder(images, n=48, classes=TOY_CLASSES, size=32, seed=1)
+    result = cli("cluster", "--method", "scan", "--model", pretext_pt, "--data", images, *COMMON,
+                 "--neighbours", out.with_name("clusters.neighbours.h5"), "--out", tmp_path / "c.h5")
+    assert result.exit_code == 2 and "neighbours of other images" in result.output, result.output
+
+
+def test_kmeans_flags_and_scan_flags_do_not_mix(features_h5, cli, tmp_path):
+    result = cli("cluster", "--features", features_h5, "--k", "4", "--model", "m.pt", "--out", tmp_path / "c.h5")
+    assert result.exit_code == 2 and "--model belongs to --method scan" in result.output, result.output
+    result = cli("cluster", "--method", "scan", "--k", "4", "--out", tmp_path / "c.h5")
+    assert result.exit_code == 2 and "needs --model" in result.output, result.output
+
+
+def test_ssl_run_chains_a_scan_stage(pretext_pt, toy_dir, cli, tmp_path):
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(f"""stages:
+  cluster:
+    cmd: cluster
+    params: {{method: scan, model: {pretext_pt}, data: {toy_dir}, k: 4, scan_epochs: 2, self_label: false,
+              heads: 2, neighbours_k: 5, batch_size: 32, workers: 0, device: cpu, out: {tmp_path}/c.h5}}
+  pseudolabel:
+    cmd: pseudolabel
+    params: {{clusters: {tmp_path}/c.h5, features: {tmp_path}/c.features.h5, out: {tmp_path}/labels.h5}}
+""")
+    result = cli("run", stages)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "labels.h5").exists()
+    result = cli("run", stages)
+    assert result.exit_code == 0 and "skip" in result.output and " run " not in result.output, result.output
+
+
+def test_self_label_loss_in_the_metrics_is_the_confident_fraction(scan_run):
+    out, _ = scan_run
+    rows = out.with_name("clusters.selflabel.metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+    first = __import__("json").loads(rows[0])
+    assert 0 <= first["accuracy"] <= 1
+
+
+def test_user_error_on_missing_model(toy_dir, cli, tmp_path):
+    result = cli("cluster", "--method", "scan", "--model", tmp_path / "none.pt", "--data", toy_dir, *COMMON,
+                 "--out", tmp_path / "c.h5")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert isinstance(UserError("x"), Exception)
