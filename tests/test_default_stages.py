@@ -17,12 +17,14 @@ def test_default_pipeline_runs_and_is_then_up_to_date(tmp_path):
     stages = tmp_path / "stages.yaml"
     shutil.copy(REPO / "stages.yaml", stages)
     results = pipeline.execute(stages)
-    assert [r.stage for r in results] == ["toy-data", "pretext", "extract", "cluster", "pseudolabel", "retrain",
-                                          "toy-data", "finetune", "self-train"]
+    assert [r.stage for r in results] == ["toy-data", "pretext", "extract", "cluster", "cluster", "pseudolabel",
+                                          "retrain", "toy-data", "finetune", "self-train"]
     assert {r.stage for r in results} >= {"pretext", "extract", "cluster", "pseudolabel", "retrain", "finetune",
                                           "self-train"}  # all seven stage commands
     with h5py.File(tmp_path / "runs/toy/labels.h5") as labels:
         assert json.loads(labels.attrs["metrics"])["nmi"] > 0.3  # measured 0.76; shuffled labels give ~0.01
+    with h5py.File(tmp_path / "runs/toy/scan-clusters.h5") as clusters:
+        assert clusters.attrs["method"] == "scan" and json.loads(clusters.attrs["metrics"])["nmi"] > 0.3
     assert (tmp_path / "runs/toy/student.pt").exists()
     report = json.loads((tmp_path / "runs/toy/finetune-linear/metrics.json").read_text())
     assert set(report["layers"]) == {"conv1", "conv2", "conv3", "conv4", "conv5"}

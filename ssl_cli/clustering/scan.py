@@ -4,19 +4,20 @@ The parts `ssl cluster --method scan` chains (see `ssl_cli.stages.scan`):
 
 1. neighbours: from features (N, D) of a pretext network, every image's K nearest other images by
    cosine similarity (`mine_neighbours`), and how often they share its class when targets exist;
-2. the SCAN step: `heads` linear clustering heads (D -> k, softmax) on the L2-normalised features of
-   the frozen network, trained so that an image and one of its neighbours (both weakly augmented:
-   flips and shifts) get the same cluster, minus `entropy_weight` x the entropy of the mean
-   prediction, which keeps every cluster used (`ssl_cli.pretext.losses.scan.scan_loss`); the head
-   with the lowest SCAN loss over the whole set (no augmentation, every neighbour) is kept;
+2. the SCAN step: `heads` linear clustering heads (D -> k, softmax) on the standardised features of
+   the frozen network, trained so that an image and one of its neighbours get the same cluster,
+   minus `entropy_weight` x the entropy of the mean prediction, which keeps every cluster used
+   (`ssl_cli.pretext.losses.scan.scan_loss`); the head with the lowest SCAN loss over the whole set
+   (every neighbour) is kept. With the network frozen, the features of the images are computed once
+   (`ssl extract`), so this step costs no forward pass of the network;
 3. self-labelling: images whose weakly augmented view the head puts in a cluster with probability
    above `threshold` (0.99) become labelled by it, and the head learns those labels on a strongly
    augmented view (random resized crops and colour jitter), the cross entropy balanced over clusters
    (`self_label_loss`).
 
-The network stays frozen (the paper also updates it): the clusters are then a linear map of the
-features `ssl extract` gives for the same layer, which is how `ssl pseudolabel` labels any other
-images with them, as it does with k-means centroids.
+The network stays frozen (the paper also updates it, and augments the SCAN step's images): the
+clusters are then a linear map of the features `ssl extract` gives for the same layer, which is how
+`ssl pseudolabel` labels any other images with them, as it does with k-means centroids.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import Dataset
 
-from ssl_cli.data.resized import ResizedImages
-from ssl_cli.data.sources import ImageSource
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.losses.scan import scan_loss
 
@@ -63,50 +63,81 @@ def neighbour_agreement(indices: np.ndarray, targets: np.ndarray) -> float | Non
 
 
 class ClusterHeads(nn.Module):
-    """A frozen feature reader and `heads` linear heads: (B, 3, S, S) -> list of (B, k) logits.
+    """`heads` linear heads on standardised features: (B, D) raw features -> list of (B, k) logits.
 
-    The reader ((B, 3, S, S) -> (B, D), `LayerReader`) stays in eval mode and gets no gradient, whatever
-    mode the module is put in; the heads see the L2-normalised features."""
+    The features are standardised with the training set's per-dimension mean and std (buffers, so the
+    checkpoint and the clusters file carry them), as a linear probe does; SCAN's heads see the raw
+    backbone output, whose scale a frozen network does not adapt to the heads."""
 
-    def __init__(self, reader: nn.Module, dim: int, k: int, heads: int):
+    def __init__(self, dim: int, k: int, heads: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
-        self.reader = reader.eval().requires_grad_(False)
+        self.register_buffer("mean", mean.float().clone() if mean is not None else torch.zeros(dim))
+        self.register_buffer("std", std.float().clone() if std is not None else torch.ones(dim))
         self.heads = nn.ModuleList(nn.Linear(dim, k) for _ in range(heads))
 
-    def train(self, mode: bool = True) -> "ClusterHeads":
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features.float() - self.mean) / self.std
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        x = self.standardise(features)
+        return [head(x) for head in self.heads]
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) -> per-dimension mean (D,) and std (D,), the std floored so constant dimensions stay finite."""
+    return features.mean(0), features.std(0).clamp_min(1e-6)
+
+
+class ImageHeads(nn.Module):
+    """A frozen feature reader ((B, 3, S, S) -> (B, D), `LayerReader`) under `ClusterHeads`: images -> logits.
+    The reader stays in eval mode and gets no gradient, whatever mode the module is put in."""
+
+    def __init__(self, reader: nn.Module, heads: ClusterHeads):
+        super().__init__()
+        self.reader = reader.eval().requires_grad_(False)
+        self.cluster_heads = heads
+
+    def train(self, mode: bool = True) -> "ImageHeads":
         super().train(mode)
         self.reader.eval()
         return self
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return F.normalize(self.reader(images).float(), dim=1)
-
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        features = self.features(images)
-        return [head(features) for head in self.heads]
+        with torch.no_grad():
+            features = self.reader(images)
+        return self.cluster_heads(features)
 
 
-class NeighbourPairs(ResizedImages):
-    """Items are ([image, one of its neighbours] as uint8 (3, S, S) each, target, position, ok); the
-    neighbour is drawn per (seed, epoch, position), so a resumed epoch sees the same pairs."""
+class NeighbourPairs(Dataset):
+    """Items are ([features of an image, of one of its neighbours], target, position, True); the
+    neighbour is drawn per (seed, epoch, position), so a resumed epoch sees the same pairs.
 
-    def __init__(self, source: ImageSource, targets: np.ndarray, neighbours: np.ndarray, size: int, seed: int):
-        super().__init__(source, np.arange(len(source)), targets, size)
-        self.neighbours, self.seed, self.epoch = neighbours, seed, 0
+    features (N, D), targets (N,), neighbours (N, K) indices."""
+
+    in_memory = True
+
+    def __init__(self, features: torch.Tensor, targets: np.ndarray, neighbours: np.ndarray, seed: int,
+                 sample_ids: np.ndarray):
+        self.features, self.targets, self.neighbours = features, torch.as_tensor(targets), neighbours
+        self.seed, self.epoch, self.sample_ids = seed, 0, sample_ids
+
+    def __len__(self) -> int:
+        return len(self.features)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def sample_id(self, position: int) -> str:
+        return str(self.sample_ids[position])
+
     def __getitem__(self, position: int):
-        image, target, index, ok = super().__getitem__(position)
         rng = np.random.default_rng([self.seed, self.epoch, position])
         other = int(self.neighbours[position, rng.integers(self.neighbours.shape[1])])
-        return [image, super().__getitem__(other)[0]], target, index, ok
+        return [self.features[position], self.features[other]], self.targets[position], position, True
 
 
 def scan_step(entropy_weight: float):
-    """The loop's step for the SCAN stage: inputs [anchors, neighbours], each (B, 3, S, S) augmented."""
+    """The loop's step of the SCAN stage: inputs [anchors, neighbours], each (B, D) features."""
 
     def step(model: nn.Module, inputs: list[torch.Tensor], targets: torch.Tensor, context: Any = None):
         anchors, neighbours = inputs
@@ -119,14 +150,14 @@ def scan_step(entropy_weight: float):
 
 
 @torch.no_grad()
-def head_losses(heads: nn.ModuleList, features: torch.Tensor, neighbours: np.ndarray,
+def head_losses(model: ClusterHeads, features: torch.Tensor, neighbours: np.ndarray,
                 entropy_weight: float) -> list[float]:
-    """The SCAN loss of every head over the whole set: features (N, D) L2-normalised, every image
-    against each of its neighbours (N, K); the entropy term over all N predictions."""
+    """The SCAN loss of every head over the whole set: features (N, D), every image against each of its
+    neighbours (N, K); the entropy term over all N predictions."""
     index = torch.from_numpy(neighbours)
     losses = []
-    for head in heads:
-        probs = head(features).float().softmax(1)  # (N, k)
+    for logits in model(features):
+        probs = logits.float().softmax(1)  # (N, k)
         agreement = (probs[:, None, :] * probs[index]).sum(2).clamp_min(1e-7)  # (N, K)
         mean = probs.mean(0)
         entropy = -(mean * mean.clamp_min(1e-8).log()).sum()

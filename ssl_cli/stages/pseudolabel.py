@@ -3,7 +3,7 @@
 The features may come from another dataset than the one clustered (Noroozi et al. label one set
 with clusters found on another); only the feature dimension has to match. Clusters of
 `ssl cluster --method scan` carry a head instead of centroids: a row's label is the head's top class on
-its L2-normalised features, its distance 1 - that probability and its confidence the probability.
+its standardised features, its distance 1 - that probability and its confidence the probability.
 """
 
 from __future__ import annotations
@@ -81,10 +81,13 @@ def provenance(cfg: PseudolabelConfig) -> Provenance:
 
 @dataclass(frozen=True)
 class ScanHead:
-    """SCAN's clustering head: weight (k, D), bias (k,); sized like the (k, D) centroids it stands for."""
+    """SCAN's clustering head: weight (k, D), bias (k,) on features standardised with mean (D,) and std (D,);
+    sized like the (k, D) centroids it stands for."""
 
     weight: np.ndarray
     bias: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,7 +100,8 @@ class ScanHead:
 def cluster_model(clusters: H5Artifact) -> "np.ndarray | ScanHead":
     """k-means centroids (k, D), or a SCAN head."""
     if "head_weight" in clusters:
-        return ScanHead(clusters.array("head_weight").astype(np.float32), clusters.array("head_bias").astype(np.float32))
+        return ScanHead(*(clusters.array(name).astype(np.float32)
+                          for name in ("head_weight", "head_bias", "feature_mean", "feature_std")))
     if "centroids" not in clusters:
         raise UserError(f"{clusters.path} has neither centroids (k-means) nor a head (scan); the file is damaged, "
                         "recompute it with `ssl cluster`")
@@ -105,11 +109,11 @@ def cluster_model(clusters: H5Artifact) -> "np.ndarray | ScanHead":
 
 
 def head_labels(block: np.ndarray, head: ScanHead) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(b, D) features -> (labels, distances 1 - p, confidence p) of SCAN's head on the L2-normalised rows."""
+    """(b, D) features -> (labels, distances 1 - p, confidence p) of SCAN's head on the standardised rows."""
     import torch
 
-    unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)), dim=1)
-    probs = (unit @ torch.from_numpy(head.weight).T + torch.from_numpy(head.bias)).softmax(1)
+    x = torch.from_numpy((np.asarray(block, dtype=np.float32) - head.mean) / head.std)
+    probs = (x @ torch.from_numpy(head.weight).T + torch.from_numpy(head.bias)).softmax(1)
     top, labels = probs.max(1)
     return labels.numpy().astype(np.int64), (1 - top).numpy().astype(np.float32), top.numpy().astype(np.float32)
 

@@ -9,7 +9,8 @@
   <out>                  the clusters artifact `ssl cluster` writes for k-means: assignments, per-row
                          confidence (the head's top probability; distances = 1 - confidence),
                          cluster sizes, NMI/ARI/ACC against targets; plus the head (head_weight (k, D),
-                         head_bias (k,)) that `ssl pseudolabel` applies to any features of that layer
+                         head_bias (k,), on features standardised by feature_mean and feature_std (D,))
+                         that `ssl pseudolabel` applies to any features of that layer
 
 With --assign-data, the clusters are those of other images (SCAN's protocol: train on the training
 split, score the test split); their features go to <stem>.assign-features.h5.
@@ -22,15 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ssl_cli.artifacts.checkpoint import load_checkpoint
 from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
 from ssl_cli.artifacts.outputs import plan_output
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.clustering.metrics import cluster_quality
-from ssl_cli.clustering.scan import (ClusterHeads, NeighbourPairs, head_losses, mine_neighbours, neighbour_agreement,
-                                     scan_step)
+from ssl_cli.clustering.scan import (ClusterHeads, ImageHeads, NeighbourPairs, feature_statistics, head_losses,
+                                     mine_neighbours, neighbour_agreement, scan_step)
 from ssl_cli.config import ClusterConfig, ExtractConfig
 from ssl_cli.data.batch_augment import BatchAugment, normalise_mode
 from ssl_cli.data.resized import ResizedImages
@@ -95,36 +95,34 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
 
     prepared = extract_stage.prepare(extract_config(cfg, cfg.data, files["features"]))
     network = prepared.network
-    reader = LayerReader(network.model, network.spec, prepared.layer, "avg", cfg.pool_size)
-    size = network.input_size
-    normalise = normalise_mode(network.input_mode, network.per_image_normalise)
-    weak = BatchAugment(network.mean, network.std, shift=default_shift(size), flip=True, normalise=normalise)
-    model = ClusterHeads(reader, features.shape[1], cfg.k, cfg.heads)
+    raw = torch.from_numpy(features)
+    model = ClusterHeads(raw.shape[1], cfg.k, cfg.heads, *feature_statistics(raw))
     options = TrainOptions(epochs=cfg.scan_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.lr,
                            optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
-                           device=cfg.device, workers=cfg.workers, progress=cfg.progress)
-    pairs = NeighbourPairs(source, np.asarray(source.targets), neighbours, size, cfg.seed)
+                           device=cfg.device, workers=0, progress=cfg.progress)
     scan_record = make_provenance("checkpoint", "scan", cfg.model_dump(mode="json"),
                                   {"step": "scan", **{name: getattr(cfg, name) for name in SCAN_STEP_FIELDS}},
                                   [{"path": str(files["neighbours"]), "fingerprint": fingerprint}])
-    train(model, pairs, scan_step(cfg.entropy_weight), options, files["scan"], scan_record,
-          lambda m: {"model": m.heads.state_dict(), "meta": {"task": "scan-heads", "k": cfg.k}}, force=cfg.force,
-          reporter=reporter, batch_transform=lambda inputs, g: [weak(inputs[0], g), weak(inputs[1], g)])
-    model.heads.load_state_dict(load_checkpoint(files["scan"])["model"])
-    unit = F.normalize(torch.from_numpy(features), dim=1)
-    losses = head_losses(model.heads.cpu(), unit, neighbours, cfg.entropy_weight)
+    train(model, NeighbourPairs(raw, targets, neighbours, cfg.seed, ids), scan_step(cfg.entropy_weight), options,
+          files["scan"], scan_record, lambda m: {"model": m.state_dict(), "meta": {"task": "scan-heads", "k": cfg.k}},
+          force=cfg.force, reporter=reporter)
+    model.load_state_dict(load_checkpoint(files["scan"])["model"])
+    model = model.cpu()
+    losses = head_losses(model, raw, neighbours, cfg.entropy_weight)
     best = int(np.argmin(losses))
-    head = model.heads[best]
+    chosen = ClusterHeads(raw.shape[1], cfg.k, 1, model.mean, model.std)
+    chosen.heads[0].load_state_dict(model.heads[best].state_dict())
     confident = None
     if cfg.self_label:
-        head, confident = self_label(cfg, files, source, network, reader, head, weak, normalise, scan_record, reporter)
+        reader = LayerReader(network.model, network.spec, prepared.layer, "avg", cfg.pool_size)
+        chosen, confident = self_label(cfg, files, source, network, reader, chosen, scan_record, reporter)
 
     if cfg.assign_data is not None:
         extract_stage.run(extract_config(cfg, cfg.assign_data, files["assign"]), reporter)
         features, targets, ids, _ = read_features(files["assign"])
-        unit = F.normalize(torch.from_numpy(features), dim=1)
+    chosen = chosen.cpu()
     with torch.no_grad():
-        probs = head.cpu()(unit).float().softmax(1).numpy()
+        probs = chosen(torch.from_numpy(features))[0].float().softmax(1).numpy()
     assignments = probs.argmax(1).astype(np.int64)
     confidence = probs.max(1).astype(np.float32)
     sizes = np.bincount(assignments, minlength=cfg.k)
@@ -137,13 +135,14 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     out = write_arrays(cfg.out, record, {
         "assignments": assignments, "confidence": confidence, "distances": 1.0 - confidence, "sample_ids": ids,
         "targets": targets, "cluster_sizes": sizes.astype(np.int64),
-        "head_weight": head.weight.detach().cpu().numpy().astype(np.float32),
-        "head_bias": head.bias.detach().cpu().numpy().astype(np.float32),
+        "head_weight": chosen.heads[0].weight.detach().numpy().astype(np.float32),
+        "head_bias": chosen.heads[0].bias.detach().numpy().astype(np.float32),
+        "feature_mean": chosen.mean.numpy(), "feature_std": chosen.std.numpy(),
     }, attrs={key: value for key, value in {
         "k": cfg.k, "method": "scan", "n_empty": summary["empty_clusters"], "metrics": quality or {},
         "seconds": seconds, "head": best, "head_losses": losses, "neighbour_agreement": agreement,
         "self_labelled": confident, "layer": prepared.layer, "pool_size": cfg.pool_size,
-        "pca_dim_used": 0, "pca_whitened": False, "features_l2": True}.items() if value is not None})
+        "pca_dim_used": 0, "pca_whitened": False}.items() if value is not None})
     return StageResult("cluster", out, "written", {k: v for k, v in summary.items() if v is not None})
 
 
@@ -179,15 +178,17 @@ def neighbours_of(cfg: ClusterConfig, path: Path, features: np.ndarray, targets:
     return indices, agreement
 
 
-def self_label(cfg: ClusterConfig, files: dict[str, Path], source, network, reader, head, weak: BatchAugment,
-               normalise: str, scan_record, reporter: Reporter) -> tuple[torch.nn.Linear, int]:
-    """Train the kept head on its own confident predictions (strong views); returns it and the count of
-    images confident at the end of the last epoch's pass."""
+def self_label(cfg: ClusterConfig, files: dict[str, Path], source, network, reader, heads: ClusterHeads,
+               scan_record, reporter: Reporter) -> tuple[ClusterHeads, int]:
+    """Train the kept head on its own confident predictions: the weak view (flips and shifts) picks the
+    labels, the strong view (crops and jitter) learns them. Returns the head and the number of images
+    that were confident in the last epoch."""
     size = network.input_size
+    normalise = normalise_mode(network.input_mode, network.per_image_normalise)
+    weak = BatchAugment(network.mean, network.std, shift=default_shift(size), flip=True, normalise=normalise)
     strong = BatchAugment(network.mean, network.std, min_scale=STRONG_MIN_SCALE, shift=default_shift(size), flip=True,
                           color_jitter=STRONG_JITTER, normalise=normalise)
-    model = ClusterHeads(reader, head.in_features, cfg.k, 1)
-    model.heads[0].load_state_dict(head.state_dict())
+    model = ImageHeads(reader, heads)
     images = ResizedImages(source, np.arange(len(source)), np.asarray(source.targets), size)
     threshold = cfg.threshold
 
@@ -204,10 +205,9 @@ def self_label(cfg: ClusterConfig, files: dict[str, Path], source, network, read
                              {"step": "self-label", "threshold": cfg.threshold, "epochs": cfg.self_label_epochs},
                              [{"path": str(files["scan"]), "fingerprint": scan_record.fingerprint}])
     result = train(model, images, step, options, files["selflabel"], record,
-                   lambda m: {"model": m.heads.state_dict(), "meta": {"task": "scan-self-label", "k": cfg.k}},
-                   force=cfg.force, reporter=reporter,
-                   batch_transform=lambda x, g: [weak(x, g), strong(x, g)])
-    model.heads.load_state_dict(load_checkpoint(files["selflabel"])["model"])
-    history = result.history or load_checkpoint(files["selflabel"])["meta"]["history"]
-    return model.heads[0], int(round((history[-1]["accuracy"] or 0.0) * len(source)))
-
+                   lambda m: {"model": m.cluster_heads.state_dict(), "meta": {"task": "scan-self-label", "k": cfg.k}},
+                   force=cfg.force, reporter=reporter, batch_transform=lambda x, g: [weak(x, g), strong(x, g)])
+    saved = load_checkpoint(files["selflabel"])
+    heads.load_state_dict(saved["model"])
+    history = result.history or saved["meta"]["history"]
+    return heads, int(round((history[-1]["accuracy"] or 0.0) * len(source)))

@@ -10,6 +10,9 @@ concatenated in their shuffled order and projected to 128-d. A memory bank holds
 image, m_I = normalise(0.5 m_I + 0.5 f(v_I)) after each step, and the loss is the two-term NCE
 (`ssl_cli.pretext.losses.nce_bank`): lambda = 0.5, temperature 0.07, negatives drawn from the bank.
 
+The trunk's batch norm normalises tiles by their own batch but only images update its running
+statistics (`running_stats_frozen`), so that eval mode sees image statistics.
+
 Settings: the paper's 32,000 negatives, capped at the dataset size - 1. The NCE normaliser Z is
 fixed on the first batch as |D| x the mean exp(s/T) of its pairs (the released implementation, after
 Wu et al. 2018; without it, at T = 0.07 the sum over thousands of negatives starts in the tens of
@@ -23,7 +26,8 @@ Z], views [auto] and any view recipe field.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -132,7 +136,8 @@ class PIRLTask(ContrastiveTask):
         tiles = tiles.flatten(0, 1)
         if self.tile_input != tiles.shape[-1]:
             tiles = F.interpolate(tiles, size=self.tile_input, mode="bilinear", align_corners=False)
-        per_tile = head.tile_projection(global_pool(trunk(tiles)))  # (B * 9, d)
+        with running_stats_frozen(trunk):  # the BN statistics extract and the monitor use are the images'
+            per_tile = head.tile_projection(global_pool(trunk(tiles)))  # (B * 9, d)
         return image_features, head.puzzle_projection(per_tile.reshape(batch, -1))
 
     def objective(self, head, output, target, context):
@@ -150,6 +155,25 @@ class PIRLTask(ContrastiveTask):
             bank.update(all_gather_no_grad(context.indices, context.group),
                         all_gather_no_grad(image_features, context.group), self.bank_momentum)
         return loss, None
+
+
+@contextmanager
+def running_stats_frozen(trunk: Callable) -> Iterator[None]:
+    """Batch norm inside normalises by the batch as usual but leaves its running statistics alone.
+
+    The tiles (9 upsampled cells per image) have other statistics than whole images; if they entered
+    the running mean and variance, eval mode (`ssl extract`, the monitor) would normalise images with a
+    blend of both and the features would lose much of what training gave them."""
+    module = getattr(trunk, "__self__", trunk)  # the bound PretextNetwork.trunk -> the network
+    norms = [layer for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+    saved = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0
+    try:
+        yield
+    finally:
+        for layer, momentum in zip(norms, saved):
+            layer.momentum = momentum
 
 
 def first_batch_partition(features: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor, negatives: torch.Tensor,
