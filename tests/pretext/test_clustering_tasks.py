@@ -196,3 +196,29 @@ def test_metrics_file_carries_the_labelling_figures(toy_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "dc.metrics.jsonl").read_text().splitlines()]
     assert [sorted(k for k in row if k in ("empty_filled", "label_seconds", "nmi_previous")) for row in rows] == \
         [["empty_filled", "label_seconds"], ["empty_filled", "label_seconds", "nmi_previous"]]
+
+
+@pytest.mark.parametrize("task, extra", [
+    ("swav", ["--task-option", "queue_length=32", "--task-option", "queue_start=1"]),
+    ("deepcluster", []),
+])
+def test_two_gloo_ranks_train_one_checkpoint(task, extra, toy_dir, tmp_path):
+    """swav: the Sinkhorn sums over both ranks and the queue takes both ranks' batches; deepcluster: every
+    rank labels the whole set the same way and samples its own share."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp.pt"
+    port = {"swav": "29581", "deepcluster": "29582"}[task]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               "-m", "ssl_cli", "pretext", "--task", task, *options(task), *extra, *COMMON, "--data", str(toy_dir),
+               "--epochs", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = torch.load(out, weights_only=True)
+    assert len(data["meta"]["history"]) == 2
+    if task == "swav":  # 3 steps of 16 a rank and epoch, 32 rows gathered a step: the queue is full
+        assert int(data["head"]["queue_filled"]) == 32 and data["head"]["queue"].abs().sum() > 0
+    else:
+        assert data["head"]["labels"].shape == (96,) and int(data["head"]["labelled_epoch"]) == 1
