@@ -78,7 +78,7 @@ def test_chain_then_inspect_then_up_to_date(cli, tmp_path: Path) -> None:
         assert handle["labels"].shape == (48,)
         assert set(handle["labels"][...].tolist()) <= {0, 1, 2}
 
-    expected_schema = {features: "ssl-cli/features@1.0", clusters: "ssl-cli/clusters@1.0", labels: "ssl-cli/labels@1.0"}
+    expected_schema = {features: "ssl-cli/features@1.0", clusters: "ssl-cli/clusters@1.1", labels: "ssl-cli/labels@1.0"}
     for path, schema in expected_schema.items():
         result = cli("inspect", path)
         assert result.exit_code == 0, result.output
