@@ -42,6 +42,7 @@ ARCH = ["--arch", "alexnet_bn_lowres"]
 METHODS = {
     "simclr": ["--task", "simclr", "--batch-size", "256"],
     "moco2": ["--task", "moco2", "--batch-size", "256"],
+    "moco2-long": ["--task", "moco2", "--batch-size", "256"],  # the same, run with a larger --epochs
     "pirl": ["--task", "pirl", "--batch-size", "128"],
     # the paper's NCE diverged at this budget (loss 52 -> 185 in 3 epochs of 5k images, at lr 2e-3 and 5e-4);
     # the InfoNCE form of the same two terms stays finite

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from contrastive import ssl, write_pixels  # noqa: E402  (the same runner and pixel files as the contrastive bench)
 FMNIST = "/usr/share/datasets/fashion-mnist"
 PUBLISHED = [  # (method, NMI, ACC, ARI or None, protocol)
     ("k-means on pixels", 0.51, 0.47, None, "all 70k images"),
@@ -40,17 +39,6 @@ PUBLISHED = [  # (method, NMI, ACC, ARI or None, protocol)
     ("DEC", 0.651, 0.618, 0.494, "all 70k images"),
     ("N2D", 0.684, 0.672, None, "all 70k images"),
 ]
-
-
-def ssl(work: Path, *args: object) -> float:
-    argv = [str(a) for a in args]
-    began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "ssl_cli", *argv], cwd=work, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"failed: ssl {shlex.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    seconds = time.perf_counter() - began
-    print(f"  {seconds:7.1f}s  ssl {shlex.join(argv)[:140]}", flush=True)
-    return seconds
 
 
 def metrics_of(path: Path) -> dict:
@@ -61,9 +49,6 @@ def metrics_of(path: Path) -> dict:
 
 def pixels(work: Path, split: str) -> str:
     """The raw pixels of a split as a features file (the contrastive bench's writer)."""
-    sys.path.insert(0, str(HERE))
-    from contrastive import write_pixels
-
     return write_pixels(work, split).name
 
 
