@@ -205,6 +205,7 @@ def cluster(
     self_label: Annotated[Optional[bool], typer.Option("--self-label/--no-self-label", help=describe(ClusterConfig, "self_label") + " [default: on]", show_default=False)] = None,
     self_label_epochs: Annotated[Optional[int], typer.Option("--self-label-epochs", help=describe(ClusterConfig, "self_label_epochs") + " [default: 10]", show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help=describe(ClusterConfig, "threshold") + " [default: 0.99]", show_default=False)] = None,
+    self_label_lr: Annotated[Optional[float], typer.Option("--self-label-lr", help=describe(ClusterConfig, "self_label_lr") + " [default: 0.0001]", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=describe(ClusterConfig, "batch_size") + " [default: 256]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=describe(ClusterConfig, "lr") + " [default: 0.001]", show_default=False)] = None,
     seed: Seed = None, device: Device = None, workers: Workers = None, force: Force = None, progress: Progress = None,
@@ -220,7 +221,8 @@ def cluster(
         "method": method, "model": model, "data": data, "assign_data": assign_data, "layer": layer,
         "pool_size": pool_size, "neighbours": neighbours, "neighbours_k": neighbours_k, "heads": heads,
         "entropy_weight": entropy_weight, "scan_epochs": scan_epochs, "self_label": self_label,
-        "self_label_epochs": self_label_epochs, "threshold": threshold, "batch_size": batch_size, "lr": lr,
+        "self_label_epochs": self_label_epochs, "threshold": threshold, "self_label_lr": self_label_lr,
+        "batch_size": batch_size, "lr": lr,
         "seed": seed, "device": device, "workers": workers, "force": force, "progress": progress})
     ui.show_result(stage.run(cfg, _reporter(cfg)))
 

@@ -71,7 +71,8 @@ class ExtractConfig(StageConfig):
 
 
 SCAN_FIELDS = ("model", "data", "assign_data", "layer", "pool_size", "neighbours", "neighbours_k", "heads",
-               "entropy_weight", "scan_epochs", "self_label", "self_label_epochs", "threshold", "batch_size", "lr")
+               "entropy_weight", "scan_epochs", "self_label", "self_label_epochs", "threshold", "batch_size", "lr",
+               "self_label_lr")
 
 
 class ClusterConfig(StageConfig):
@@ -105,6 +106,8 @@ class ClusterConfig(StageConfig):
     self_label: bool = Field(True, description="scan: self-labelling on confident images after the SCAN step")
     self_label_epochs: int = Field(10, ge=1, le=10_000, description="scan: epochs of self-labelling")
     threshold: float = Field(0.99, gt=0, lt=1, description="scan: confidence that makes an image a self-label")
+    self_label_lr: float = Field(1e-4, gt=0, le=10, description="scan: AdamW learning rate of self-labelling (SCAN's "
+                                 "1e-4; a linear head on frozen features drifts to a few clusters at 1e-2)")
     batch_size: int = Field(256, ge=1, le=65536, description="scan: images per step")
     lr: float = Field(1e-3, gt=0, le=10, description="scan: AdamW learning rate of the heads")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows", "neighbours"}

@@ -61,9 +61,10 @@ def kmeans_row(work: Path, name: str, train_features: str, test_features: str, p
 
 
 def scan_row(work: Path, args: argparse.Namespace, self_label: bool) -> dict:
-    out = f"{args.name}-scan{'' if self_label else '-noself'}.h5"
+    out = f"{args.name}-scan-sl{args.self_label_lr:g}.h5" if self_label else f"{args.name}-scan-noself.h5"
     flags = ["--self-label" if self_label else "--no-self-label", "--scan-epochs", args.scan_epochs,
-             "--self-label-epochs", args.self_label_epochs, "--lr", args.lr, "--batch-size", args.batch_size]
+             "--self-label-epochs", args.self_label_epochs, "--lr", args.lr, "--self-label-lr", args.self_label_lr,
+             "--batch-size", args.batch_size]
     seconds = ssl(work, "cluster", "--method", "scan", "--model", args.model.resolve(), "--data", "train.h5",
                   "--assign-data", f"fashion-mnist:{FMNIST}:test", "--k", 10, "--neighbours",
                   f"{args.name}.neighbours.h5", *flags, "--no-progress", "--out", out)
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--scan-epochs", type=int, default=30)
     parser.add_argument("--self-label-epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--self-label-lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--only", default="pixels,features,scan-noself,scan",
                         help="rows to run: pixels, features, scan-noself, scan")
@@ -117,7 +119,7 @@ def main() -> None:
             results[f"{args.name} features k-means ({args.train} train)"] = kmeans_row(
                 args.work, args.name, f"{args.name}-train.h5", f"{args.name}-test.h5", "auto")
         elif row in ("scan", "scan-noself"):
-            label = "SCAN + self-label" if row == "scan" else "SCAN, no self-label"
+            label = f"SCAN + self-label (lr {args.self_label_lr:g})" if row == "scan" else "SCAN, no self-label"
             results[f"{label} from {args.name} ({args.train} train)"] = scan_row(args.work, args, row == "scan")
         else:
             sys.exit(f"unknown row {row!r}; use pixels, features, scan-noself, scan")

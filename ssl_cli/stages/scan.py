@@ -198,11 +198,12 @@ def self_label(cfg: ClusterConfig, files: dict[str, Path], source, network, read
         loss, count = self_label_loss(logits[: len(weak_view)], logits[len(weak_view):], threshold)
         return loss, count / len(weak_view)  # "accuracy" of the metrics file: the confident fraction
 
-    options = TrainOptions(epochs=cfg.self_label_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.lr,
+    options = TrainOptions(epochs=cfg.self_label_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.self_label_lr,
                            optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
                            device=cfg.device, workers=cfg.workers, progress=cfg.progress)
     record = make_provenance("checkpoint", "scan", cfg.model_dump(mode="json"),
-                             {"step": "self-label", "threshold": cfg.threshold, "epochs": cfg.self_label_epochs},
+                             {"step": "self-label", "threshold": cfg.threshold, "epochs": cfg.self_label_epochs,
+                              "lr": cfg.self_label_lr, "batch_size": cfg.batch_size, "seed": cfg.seed},
                              [{"path": str(files["scan"]), "fingerprint": scan_record.fingerprint}])
     result = train(model, images, step, options, files["selflabel"], record,
                    lambda m: {"model": m.cluster_heads.state_dict(), "meta": {"task": "scan-self-label", "k": cfg.k}},
