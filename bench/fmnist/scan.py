@@ -105,7 +105,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     ssl(args.work, "pack", "--data", f"fashion-mnist:{FMNIST}:train", "--limit", args.train, "--no-progress",
         "--out", "train.h5")
-    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    results: dict = {}
     for row in args.only.split(","):
         print(f"{row}:", flush=True)
         if row == "pixels":
@@ -123,6 +123,8 @@ def main() -> None:
             results[f"{label} from {args.name} ({args.train} train)"] = scan_row(args.work, args, row == "scan")
         else:
             sys.exit(f"unknown row {row!r}; use pixels, features, scan-noself, scan")
+        # merged into the file as it is now: another run of this script may have added rows meanwhile
+        results = {**(json.loads(args.results.read_text()) if args.results.exists() else {}), **results}
         args.results.write_text(json.dumps(results, indent=1))
     print(table(results))
 
