@@ -78,7 +78,7 @@ def test_check_schema_newer_major(tmp_path: Path) -> None:
     with pytest.raises(UserError) as error:
         check_schema("ssl-cli/clusters@2.0", "clusters", tmp_path / "c.h5")
     message = str(error.value)
-    assert "ssl-cli/clusters@2.0" in message and "ssl-cli/clusters@1.0" in message and "upgrade" in message
+    assert "ssl-cli/clusters@2.0" in message and "ssl-cli/clusters@1.1" in message and "upgrade" in message
 
 
 def test_check_schema_older_major_asks_to_recompute(tmp_path: Path) -> None:
