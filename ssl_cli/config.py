@@ -70,6 +70,7 @@ class ExtractConfig(StageConfig):
         return config
 
 
+KMEANS_FIELDS = ("pca_dim", "pca_sample", "niter", "max_points_per_centroid", "backend", "gpu", "chunk_rows")
 SCAN_FIELDS = ("model", "data", "assign_data", "layer", "pool_size", "neighbours", "neighbours_k", "heads",
                "entropy_weight", "scan_epochs", "self_label", "self_label_epochs", "threshold", "batch_size", "lr",
                "self_label_lr")
@@ -118,7 +119,7 @@ class ClusterConfig(StageConfig):
             if self.features is None:
                 raise ValueError("k-means clusters --features; pass --features FEATURES.h5 (or --method scan with "
                                  "--model and --data)")
-            given = [name for name in ("model", "data", "assign_data", "neighbours") if getattr(self, name) is not None]
+            given = [name for name in SCAN_FIELDS if name in self.model_fields_set]
             if given:
                 raise ValueError(f"--{given[0].replace('_', '-')} belongs to --method scan; k-means reads --features")
         elif self.model is None or self.data is None:
@@ -130,9 +131,11 @@ class ClusterConfig(StageConfig):
     def result_config(self) -> dict[str, Any]:
         # k-means outputs keep the fingerprint they had before --method existed
         config = super().result_config()
-        if self.method == "kmeans":
-            for name in ("method", *SCAN_FIELDS):
-                config.pop(name, None)
+        unused = ("method", *SCAN_FIELDS) if self.method == "kmeans" else KMEANS_FIELDS
+        if self.method == "scan" and not self.self_label:
+            unused += ("self_label_epochs", "threshold", "self_label_lr")
+        for name in unused:
+            config.pop(name, None)
         return config
 
     @field_validator("pca_dim", mode="before")

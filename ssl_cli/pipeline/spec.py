@@ -13,7 +13,7 @@ from ssl_cli.errors import UserError
 
 # Config fields that name files a stage reads; `out` is the one it writes.
 INPUT_FIELDS = ("data", "model", "weights", "features", "clusters", "labels", "teacher", "labelled",
-                "unlabelled", "eval_data", "assign_data")
+                "unlabelled", "eval_data", "assign_data", "neighbours")
 
 
 class StageSpec(BaseModel):

@@ -18,7 +18,7 @@ from ssl_cli.artifacts.outputs import OutputState, plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids
 from ssl_cli.clustering.metrics import cluster_quality
-from ssl_cli.clustering.stream import chunk_rows_for, pca_from_artifact, preprocessed_blocks
+from ssl_cli.clustering.stream import check_finite, chunk_rows_for, pca_from_artifact, preprocessed_blocks
 from ssl_cli.config import PseudolabelConfig
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
@@ -139,6 +139,7 @@ def label_rows(features: H5Artifact, centroids: np.ndarray, pca, writer: RowWrit
     with reporter.progress("pseudolabel", total=n, completed=writer.rows_done) as advance:
         for offset, block in blocks:
             if isinstance(centroids, ScanHead):
+                check_finite(np.asarray(block, dtype=np.float32), offset, features)
                 labels, distance, confidence = head_labels(block, centroids)
             else:
                 distances, nearest = nearest_centroids(block, centroids, min(2, len(centroids)), "faiss")

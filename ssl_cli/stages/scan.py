@@ -26,7 +26,7 @@ import torch
 
 from ssl_cli.artifacts.checkpoint import load_checkpoint
 from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
-from ssl_cli.artifacts.outputs import plan_output
+from ssl_cli.artifacts.outputs import artifact_fingerprint, plan_output
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.scan import (ClusterHeads, ImageHeads, NeighbourPairs, feature_statistics, head_losses,
@@ -41,6 +41,7 @@ from ssl_cli.pretext.losses.scan import self_label_loss
 from ssl_cli.report import Reporter
 from ssl_cli.stages import StageResult
 from ssl_cli.stages import extract as extract_stage
+from ssl_cli.train.distributed import launched_world
 from ssl_cli.train.loop import TrainOptions, train
 from ssl_cli.train.recipe import default_shift
 
@@ -63,6 +64,18 @@ def extract_config(cfg: ClusterConfig, data: str, out: Path) -> ExtractConfig:
                          batch_size=256, workers=cfg.workers, device=cfg.device, progress=cfg.progress)
 
 
+def stale(path: Path, fingerprint: str) -> bool:
+    """The --force of a file the stage owns beside its output: replace it when it holds other settings or
+    inputs (a changed pretext network, say); reuse it when up to date, resume its partial otherwise."""
+    return path.exists() and artifact_fingerprint(path) != fingerprint
+
+
+def extract_owned(cfg: ClusterConfig, data: str, out: Path, reporter: Reporter) -> None:
+    config = extract_config(cfg, data, out)
+    config = config.model_copy(update={"force": stale(out, extract_stage.provenance(config).fingerprint)})
+    extract_stage.run(config, reporter)
+
+
 def provenance(cfg: ClusterConfig):
     """The clusters' provenance: the settings and the fingerprints of the features they come from."""
     files = paths(cfg)
@@ -77,6 +90,9 @@ def provenance(cfg: ClusterConfig):
 def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     began = time.perf_counter()
     files = paths(cfg)
+    if launched_world()[1] > 1:
+        raise UserError("--method scan runs in one process (its SCAN step trains heads on features in seconds); "
+                        "run it without torchrun")
     if not cfg.model.exists():
         raise UserError(f"--model {cfg.model} does not exist; pass the checkpoint `ssl pretext` wrote")
     record = provenance(cfg)
@@ -89,14 +105,16 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     source = open_source(cfg.data)
     if cfg.k > len(source):
         raise UserError(f"--k {cfg.k} is larger than the {len(source)} images of --data; use --k {len(source)} or less")
-    extract_stage.run(extract_config(cfg, cfg.data, files["features"]), reporter)
+    extract_owned(cfg, cfg.data, files["features"], reporter)
     features, targets, ids, fingerprint = read_features(files["features"])
     neighbours, agreement = neighbours_of(cfg, files["neighbours"], features, targets, ids, fingerprint, reporter)
 
     prepared = extract_stage.prepare(extract_config(cfg, cfg.data, files["features"]))
     network = prepared.network
     raw = torch.from_numpy(features)
-    model = ClusterHeads(raw.shape[1], cfg.k, cfg.heads, *feature_statistics(raw))
+    with torch.random.fork_rng(devices=[]):  # the heads' start depends on --seed alone
+        torch.manual_seed(cfg.seed)
+        model = ClusterHeads(raw.shape[1], cfg.k, cfg.heads, *feature_statistics(raw))
     options = TrainOptions(epochs=cfg.scan_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.lr,
                            optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
                            device=cfg.device, workers=0, progress=cfg.progress)
@@ -105,7 +123,7 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
                                   [{"path": str(files["neighbours"]), "fingerprint": fingerprint}])
     train(model, NeighbourPairs(raw, targets, neighbours, cfg.seed, ids), scan_step(cfg.entropy_weight), options,
           files["scan"], scan_record, lambda m: {"model": m.state_dict(), "meta": {"task": "scan-heads", "k": cfg.k}},
-          force=cfg.force, reporter=reporter)
+          force=stale(files["scan"], scan_record.fingerprint), reporter=reporter)
     model.load_state_dict(load_checkpoint(files["scan"])["model"])
     model = model.cpu()
     losses = head_losses(model, raw, neighbours, cfg.entropy_weight)
@@ -118,7 +136,7 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
         chosen, confident = self_label(cfg, files, source, network, reader, chosen, scan_record, reporter)
 
     if cfg.assign_data is not None:
-        extract_stage.run(extract_config(cfg, cfg.assign_data, files["assign"]), reporter)
+        extract_owned(cfg, cfg.assign_data, files["assign"], reporter)
         features, targets, ids, _ = read_features(files["assign"])
     chosen = chosen.cpu()
     with torch.no_grad():
@@ -159,15 +177,19 @@ def neighbours_of(cfg: ClusterConfig, path: Path, features: np.ndarray, targets:
     """The (N, K) neighbour indices from `path` when it was made from these features, else mined and written."""
     record = make_provenance("neighbours", "scan", {"neighbours_k": cfg.neighbours_k},
                              {"neighbours_k": cfg.neighbours_k}, [{"path": str(path.name), "fingerprint": features_fingerprint}])
+    given = cfg.neighbours is not None  # the user's file; the default one beside the output is the stage's own
     if path.exists():
         with H5Artifact(path, "neighbours", required=("indices", "sample_ids")) as existing:
-            if len(existing["sample_ids"]) != len(ids) or not np.array_equal(existing.strings("sample_ids"), ids):
-                raise UserError(f"{path} holds the neighbours of other images than --data {cfg.data}; pass another "
-                                "--neighbours path or delete it")
+            other_images = len(existing["sample_ids"]) != len(ids) or \
+                not np.array_equal(existing.strings("sample_ids"), ids)
+            if other_images and given:
+                raise UserError(f"--neighbours {path} holds the neighbours of other images than --data {cfg.data}; "
+                                "pass another --neighbours path or delete that file")
             if existing.fingerprint == record.fingerprint:
                 reporter.info(f"{path} is up to date; reused")
                 return existing.array("indices"), existing.attrs.get("agreement")
-    plan_output(path, record.fingerprint, cfg.force)  # an existing file made otherwise needs --force
+    # a --neighbours file made with other settings needs --force; the stage's own is replaced when stale
+    plan_output(path, record.fingerprint, cfg.force if given else stale(path, record.fingerprint))
     with reporter.progress(f"neighbours (k={cfg.neighbours_k}, cosine)", total=None):
         indices, distances = mine_neighbours(torch.from_numpy(features), cfg.neighbours_k)
     agreement = neighbour_agreement(indices, targets)
@@ -207,7 +229,8 @@ def self_label(cfg: ClusterConfig, files: dict[str, Path], source, network, read
                              [{"path": str(files["scan"]), "fingerprint": scan_record.fingerprint}])
     result = train(model, images, step, options, files["selflabel"], record,
                    lambda m: {"model": m.cluster_heads.state_dict(), "meta": {"task": "scan-self-label", "k": cfg.k}},
-                   force=cfg.force, reporter=reporter, batch_transform=lambda x, g: [weak(x, g), strong(x, g)])
+                   force=stale(files["selflabel"], record.fingerprint), reporter=reporter,
+                   batch_transform=lambda x, g: [weak(x, g), strong(x, g)])
     saved = load_checkpoint(files["selflabel"])
     heads.load_state_dict(saved["model"])
     history = result.history or saved["meta"]["history"]

@@ -204,3 +204,19 @@ def test_user_error_on_missing_model(toy_dir, cli, tmp_path):
                  "--out", tmp_path / "c.h5")
     assert result.exit_code == 2 and "does not exist" in result.output
     assert isinstance(UserError("x"), Exception)
+
+
+def test_force_replaces_stale_intermediates_and_keeps_up_to_date_ones(pretext_pt, toy_dir, cli, tmp_path):
+    """With --force (as `ssl run` passes after an upstream change) the stage's own files beside the output
+    are replaced when they hold other settings and reused when they do not."""
+    out = tmp_path / "c.h5"
+    base = ["cluster", "--method", "scan", "--model", pretext_pt, "--data", toy_dir, *COMMON, "--out", out]
+    assert cli(*base).exit_code == 0
+    result = cli(*base, "--threshold", "0.9", "--force")  # only self-labelling changes
+    assert result.exit_code == 0, result.output
+    assert "c.features.h5 is up to date" in result.output and "c.scan.pt is up to date" in result.output
+    result = cli(*base, "--pool-size", "2", "--force")  # other features: every step is redone, no refusal
+    assert result.exit_code == 0, result.output
+    assert "up to date" not in result.output.replace(f"{out.name} is up to date", "")
+    with h5py.File(out) as handle:
+        assert handle["head_weight"].shape[1] == 64 * 4  # the 2 x 2 pooled map

@@ -2,7 +2,8 @@
 
 Before every epoch, every training image goes through the current network in eval mode (no
 augmentation) to its features f = body(global_pool(trunk(x))), body being the head's MLP (DeepCluster's
-fc6/fc7: Linear, BN, ReLU, twice). The (N, hidden) features are streamed to a scratch HDF5 file in
+fc6/fc7: Linear, BN, ReLU, twice; the paper reads fc7 before its ReLU, and its top layer starts from
+N(0, 0.01) where this one has PyTorch's default). The (N, hidden) features are streamed to a scratch HDF5 file in
 blocks, so memory does not grow with N beyond what k-means itself needs; then the preprocessing and
 k-means of `ssl cluster`: a whitening PCA (to `pca_dim`, 256 in the paper) fitted on a sample, L2
 normalisation, and k-means (`backend`: faiss on every visible GPU or the CPU, or the torch backend;
@@ -11,14 +12,19 @@ paper does: a non-empty cluster (drawn in proportion to its size - 1) is split i
 copied with a small opposite perturbation and its points divided between the two along the
 perturbation (the half farther along it goes to the empty cluster), so every cluster is used.
 
-Training then samples images uniformly over clusters (weights 1 / size of the image's cluster, drawn
-with replacement as the paper's UnifLabelSampler does) and minimises the cross entropy of a linear
+Training then samples images uniformly over clusters: N draws with replacement, each image weighing
+1 / the size of its cluster (the paper's UnifLabelSampler gives every cluster an equal quota instead,
+drawn without replacement inside large clusters; the expected counts are the same), and minimises the cross entropy of a linear
 classifier (hidden -> k) on top of the body against the cluster ids. The classifier is re-initialised
 after each re-clustering (the ids are a new, arbitrary order) and its optimizer state dropped.
 
 The metrics file gets, per epoch, `nmi_previous` (the NMI between this epoch's and the previous
 epoch's assignments: how much the labels still move), `empty_filled` and `label_seconds`. Labels,
 previous labels and those figures are buffers of the head (see `clustering.base`).
+
+Under torchrun every rank labels the whole set the same way (the same features and seeds give the
+same labels with faiss); the torch k-means backend would take each rank's copy as a shard, so use
+faiss there.
 
 Options (`--task-option KEY=VALUE`): k [100: about 10x the classes of a small labelled set; the paper
 used 10,000 on ImageNet], pca_dim [256, capped at the feature width and the images], hidden_dim
@@ -67,7 +73,8 @@ class DeepClusterTask(ClusteringTask):
             check_number(self.name, "hidden_dim", hidden_dim, 1, 65536, integer=True)
         if backend not in BACKENDS:
             raise UserError(f"{self.name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.k, self.pca_dim, self.hidden_dim, self.niter, self.backend = k, pca_dim, hidden_dim, niter, backend
+        self.k, self.pca_dim, self.hidden_dim, self.niter = k, pca_dim, hidden_dim, niter
+        self.backend = resolve_backend(backend)  # recorded resolved: a resume elsewhere keeps the same k-means
 
     def options(self) -> dict[str, Any]:
         return {"k": self.k, "pca_dim": self.pca_dim, "hidden_dim": self.hidden_dim, "niter": self.niter,
@@ -78,14 +85,6 @@ class DeepClusterTask(ClusteringTask):
             raise UserError(f"{self.name}: k={self.k} clusters need at least as many images, the data has "
                             f"{images}; lower --task-option k")
 
-    def kmeans_backend(self) -> str:
-        if self.backend != "auto":
-            return self.backend
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "faiss"
 
     # --- network ----------------------------------------------------------------------------------
 
@@ -120,7 +119,7 @@ class DeepClusterTask(ClusteringTask):
         with tempfile.TemporaryDirectory(prefix="ssl-deepcluster-") as scratch:
             x = preprocessed_features(self.embed(network, read), Path(scratch) / "features.h5",
                                       self.pca_dim, self.seed + epoch)
-        backend = self.kmeans_backend()
+        backend = self.backend
         result = train_kmeans(x, self.k, self.niter, self.seed * 1_000_003 + epoch, max_points_per_centroid=256,
                               backend=backend, device=device)
         _, ids = nearest_centroids(x, result.centroids, 1, backend, device)
@@ -144,6 +143,18 @@ class DeepClusterTask(ClusteringTask):
         if not math.isnan(float(head.nmi_previous)):
             figures["nmi_previous"] = float(head.nmi_previous)
         return figures
+
+
+def resolve_backend(backend: str) -> str:
+    """auto -> faiss when it is installed, else torch; faiss without faiss installed is a UserError."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if backend == "faiss":
+            raise UserError("deepcluster: backend=faiss but faiss is not installed; pip install faiss-cpu "
+                            "(or faiss-gpu), or use --task-option backend=torch") from None
+        return "torch"
+    return "faiss" if backend == "auto" else backend
 
 
 def preprocessed_features(blocks, scratch: Path, pca_dim: int, seed: int) -> np.ndarray:

@@ -14,9 +14,9 @@ view predicts them from its own scores with a softmax at temperature 0.1: the sw
 `ssl_cli.pretext.losses.swav`.
 
 Small batches: with `queue_length` > 0, from epoch `queue_start` (counting from 1) on, the projections
-of the two large crops of past batches are kept in a queue (one per crop, newest first) and their
-scores are put before the batch's when the codes are computed (only the batch's codes are used), as
-SwAV does below 256 images a batch. The queue is a buffer of the head, so resume keeps it; under
+of the two large crops of past batches are kept in a queue (one per crop, newest first), and once it
+is full their scores are put before the batch's when the codes are computed (only the batch's codes
+are used), as SwAV does below 256 images a batch. The queue is a buffer of the head, so resume keeps it; under
 torchrun DDP broadcasts buffers from rank 0, so every rank adds the gathered batch of all ranks to the
 queue, and each rank's Sinkhorn then counts the shared queue once per rank (a heavier weight on the
 queue than one process would give; the codes of the batch stay balanced).
@@ -170,7 +170,7 @@ class SwAVTask(ContrastiveTask):
                     queued = head.queue[crop] @ head.prototypes.weight.T.float()
                     crop_scores = torch.cat([queued, crop_scores])
                 codes.append(sinkhorn(crop_scores, self.epsilon, self.sinkhorn_iterations, context.group)[-batch:])
-            if self.queue_length:
+            if self.queue_length and context.epoch + 1 >= self.queue_start:  # an empty queue at queue_start
                 self.push(head, [all_gather_no_grad(z[crop].detach().float(), context.group) for crop in range(self.large)])
         loss = swapped_prediction(scores, codes, self.temperature)
         agree = (codes[0].argmax(1) == scores[1].detach().argmax(1)).float().mean().item()
