@@ -26,6 +26,7 @@ from ssl_cli.data.batch_augment import BatchAugment
 from ssl_cli.data.sources import ImageSource
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.errors import UserError
+from ssl_cli.models.projected import projection_block
 from ssl_cli.pretext.base import PretextTask, TaskInfo
 from ssl_cli.pretext.contrastive.base import WholeImages, check_number
 from ssl_cli.train.recipe import default_shift
@@ -68,8 +69,14 @@ class ClusteringTask(PretextTask):
         self.check_size(self.size_of_dataset)
         return self.images
 
+    k = 0  # labels the method makes; set by subclasses
+    k_noun: ClassVar[str] = "clusters"  # what k counts, for the error below
+
     def check_size(self, images: int) -> None:
-        """A UserError when the set is too small for the method's options (k > N, say)."""
+        """A UserError when the set has fewer images than the k labels."""
+        if self.k > images:
+            raise UserError(f"{self.name}: k={self.k} {self.k_noun} need at least as many images, the data has "
+                            f"{images}; lower --task-option k")
 
     def batch_transform(self):
         augment = BatchAugment(mean=IMAGENET_MEAN, std=IMAGENET_STD, min_scale=self.min_scale, shift=self.shift,
@@ -128,6 +135,13 @@ class ClusteringTask(PretextTask):
     def epoch_end(self, network: nn.Module, epoch: int) -> dict[str, float]:
         """Figures of the last labelling for the epoch's metrics row."""
         return {}
+
+
+def mlp_body(channels: int, hidden_dim: int | None) -> tuple[nn.Sequential, int]:
+    """DeepCluster's fc6/fc7 on the pooled trunk, (B, channels) -> (B, hidden): Linear, BN, ReLU, twice;
+    hidden = hidden_dim, else max(512, channels) (the paper's 4096 suits 224 px AlexNets)."""
+    hidden = hidden_dim or max(512, channels)
+    return nn.Sequential(projection_block(channels, hidden), projection_block(hidden, hidden)), hidden
 
 
 def add_label_buffers(head: nn.Module, rows: tuple[int, ...]) -> None:

@@ -49,8 +49,7 @@ from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans
 from ssl_cli.clustering.metrics import nmi
 from ssl_cli.clustering.stream import fit_pca_streamed, reduce_streamed
 from ssl_cli.errors import UserError
-from ssl_cli.models.projected import projection_block
-from ssl_cli.pretext.clustering.base import ClusteringTask, add_label_buffers, reset_linear
+from ssl_cli.pretext.clustering.base import ClusteringTask, add_label_buffers, mlp_body, reset_linear
 from ssl_cli.pretext.contrastive.base import check_number
 from ssl_cli.pretext.heads import global_pool
 
@@ -80,19 +79,11 @@ class DeepClusterTask(ClusteringTask):
         return {"k": self.k, "pca_dim": self.pca_dim, "hidden_dim": self.hidden_dim, "niter": self.niter,
                 "backend": self.backend}
 
-    def check_size(self, images: int) -> None:
-        if self.k > images:
-            raise UserError(f"{self.name}: k={self.k} clusters need at least as many images, the data has "
-                            f"{images}; lower --task-option k")
-
-
     # --- network ----------------------------------------------------------------------------------
 
     def build_head(self, trunk_shape: tuple[int, int, int]) -> nn.Module:
-        channels = trunk_shape[0]
-        hidden = self.hidden_dim or max(512, channels)
         head = nn.Module()
-        head.body = nn.Sequential(projection_block(channels, hidden), projection_block(hidden, hidden))
+        head.body, hidden = mlp_body(trunk_shape[0], self.hidden_dim)
         head.classifier = nn.Linear(hidden, self.k)
         add_label_buffers(head, (max(1, self.size_of_dataset),))
         head.register_buffer("previous", torch.full((max(1, self.size_of_dataset),), -1, dtype=torch.int64))

@@ -29,9 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_cli.errors import UserError
-from ssl_cli.models.projected import projection_block
-from ssl_cli.pretext.clustering.base import ClusteringTask, add_label_buffers
+from ssl_cli.pretext.clustering.base import ClusteringTask, add_label_buffers, mlp_body
 from ssl_cli.pretext.contrastive.base import check_number
 from ssl_cli.pretext.heads import global_pool
 from ssl_cli.pretext.losses.sinkhorn import equipartition_labels
@@ -39,6 +37,7 @@ from ssl_cli.pretext.losses.sinkhorn import equipartition_labels
 
 class SeLaTask(ClusteringTask):
     name = "sela"
+    k_noun = "equal parts"
 
     def __init__(self, image_size: int, k: int = 100, heads: int = 1, lam: float = 25.0, every: int = 1,
                  hidden_dim: int | None = None, sinkhorn_iterations: int = 1000, sobel: bool = False,
@@ -58,16 +57,9 @@ class SeLaTask(ClusteringTask):
         return {"k": self.k, "heads": self.heads, "lam": self.lam, "every": self.every, "hidden_dim": self.hidden_dim,
                 "sinkhorn_iterations": self.sinkhorn_iterations}
 
-    def check_size(self, images: int) -> None:
-        if self.k > images:
-            raise UserError(f"{self.name}: k={self.k} equal parts need at least as many images, the data has "
-                            f"{images}; lower --task-option k")
-
     def build_head(self, trunk_shape: tuple[int, int, int]) -> nn.Module:
-        channels = trunk_shape[0]
-        hidden = self.hidden_dim or max(512, channels)
         head = nn.Module()
-        head.body = nn.Sequential(projection_block(channels, hidden), projection_block(hidden, hidden))
+        head.body, hidden = mlp_body(trunk_shape[0], self.hidden_dim)
         head.classifiers = nn.ModuleList(nn.Linear(hidden, self.k) for _ in range(self.heads))
         add_label_buffers(head, (self.heads, max(1, self.size_of_dataset)))
         head.register_buffer("label_change", torch.tensor(math.nan, dtype=torch.float64))
