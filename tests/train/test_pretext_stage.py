@@ -42,7 +42,8 @@ def test_pretext_checkpoint_feeds_extract_with_no_other_flag(toy_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "nope"], "valid tasks by family: handcrafted: jigsaw, jigsawpp, rotation, context, colorization, "
-                         "inpainting; contrastive: simclr, simclr2, moco, moco2, pirl; reconstructive: autoencoder"),
+                         "inpainting; contrastive: simclr, simclr2, moco, moco2, pirl; clustering: deepcluster, sela, swav; "
+                             "reconstructive: autoencoder"),
     (["--arch", "nope"], "valid archs"),
     (["--lr", "-1"], "--lr"),
     (["--task-option", "novalue"], "KEY=VALUE"),
