@@ -70,20 +70,29 @@ def stale(path: Path, fingerprint: str) -> bool:
     return path.exists() and artifact_fingerprint(path) != fingerprint
 
 
-def extract_owned(cfg: ClusterConfig, data: str, out: Path, reporter: Reporter) -> None:
-    config = extract_config(cfg, data, out)
-    config = config.model_copy(update={"force": stale(out, extract_stage.provenance(config).fingerprint)})
-    extract_stage.run(config, reporter)
-
-
-def provenance(cfg: ClusterConfig):
-    """The clusters' provenance: the settings and the fingerprints of the features they come from."""
+def prepared_extractions(cfg: ClusterConfig) -> dict[str, tuple[ExtractConfig, extract_stage.Prepared]]:
+    """The `ssl extract` runs the stage makes ("features" of --data, "assign" of --assign-data), each
+    prepared once: its config, network, layer and the fingerprint its output will have."""
     files = paths(cfg)
-    inputs = [{"path": str(cfg.model), "fingerprint": extract_stage.provenance(
-        extract_config(cfg, cfg.data, files["features"])).fingerprint}]
-    if cfg.assign_data is not None:
-        inputs.append({"path": cfg.assign_data, "fingerprint": extract_stage.provenance(
-            extract_config(cfg, cfg.assign_data, files["assign"])).fingerprint})
+    sources = {"features": cfg.data, **({"assign": cfg.assign_data} if cfg.assign_data is not None else {})}
+    extractions = {}
+    for name, data in sources.items():
+        config = extract_config(cfg, data, files[name])
+        extractions[name] = (config, extract_stage.prepare(config))
+    return extractions
+
+
+def extract_owned(config: ExtractConfig, prepared: extract_stage.Prepared, reporter: Reporter) -> None:
+    """Run an extraction whose output the stage owns: replaced when stale, reused when up to date."""
+    extract_stage.run(config.model_copy(update={"force": stale(config.out, prepared.provenance.fingerprint)}), reporter)
+
+
+def provenance(cfg: ClusterConfig, extractions: dict | None = None):
+    """The clusters' provenance: the settings and the fingerprints of the features they come from."""
+    extractions = extractions or prepared_extractions(cfg)
+    paths_of = {"features": str(cfg.model), "assign": cfg.assign_data}
+    inputs = [{"path": paths_of[name], "fingerprint": prepared.provenance.fingerprint}
+              for name, (_, prepared) in extractions.items()]
     return make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), cfg.result_config(), inputs)
 
 
@@ -95,7 +104,8 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
                         "run it without torchrun")
     if not cfg.model.exists():
         raise UserError(f"--model {cfg.model} does not exist; pass the checkpoint `ssl pretext` wrote")
-    record = provenance(cfg)
+    extractions = prepared_extractions(cfg)
+    record = provenance(cfg, extractions)
     plan = plan_output(cfg.out, record.fingerprint, cfg.force)
     if plan.up_to_date:
         reporter.info(f"{cfg.out} is up to date; skipped")
@@ -105,11 +115,11 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     source = open_source(cfg.data)
     if cfg.k > len(source):
         raise UserError(f"--k {cfg.k} is larger than the {len(source)} images of --data; use --k {len(source)} or less")
-    extract_owned(cfg, cfg.data, files["features"], reporter)
+    extract_owned(*extractions["features"], reporter)
     features, targets, ids, fingerprint = read_features(files["features"])
     neighbours, agreement = neighbours_of(cfg, files["neighbours"], features, targets, ids, fingerprint, reporter)
 
-    prepared = extract_stage.prepare(extract_config(cfg, cfg.data, files["features"]))
+    prepared = extractions["features"][1]
     network = prepared.network
     raw = torch.from_numpy(features)
     with torch.random.fork_rng(devices=[]):  # the heads' start depends on --seed alone
@@ -136,7 +146,7 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
         chosen, confident = self_label(cfg, files, source, network, reader, chosen, scan_record, reporter)
 
     if cfg.assign_data is not None:
-        extract_owned(cfg, cfg.assign_data, files["assign"], reporter)
+        extract_owned(*extractions["assign"], reporter)
         features, targets, ids, _ = read_features(files["assign"])
     chosen = chosen.cpu()
     with torch.no_grad():

@@ -85,6 +85,7 @@ class SwAVTask(ContrastiveTask):
         self.small_size = small_size or max(4, round(image_size * SMALL_CROP_FRACTION))
         self.queue_length, self.queue_start, self.freeze_prototypes = queue_length, queue_start, freeze_prototypes
         self.projection_dim, self.hidden_dim = projection_dim, hidden_dim
+        self.frozen = False  # the prototypes this epoch; set by epoch_start
 
     def options(self) -> dict[str, Any]:
         return {"prototypes": self.prototypes, "temperature": self.temperature, "epsilon": self.epsilon,
@@ -150,8 +151,6 @@ class SwAVTask(ContrastiveTask):
             weight = weight.detach() + (weight - weight.detach()) * 0.0  # in the graph, gradient zero
         return z, [view @ weight.T for view in z]
 
-    frozen = False  # set per epoch by epoch_start
-
     def epoch_start(self, network, epoch: int, optimizer) -> None:
         self.frozen = epoch < self.freeze_prototypes
         return None
@@ -160,8 +159,8 @@ class SwAVTask(ContrastiveTask):
         z, scores = output
         scores = [s.float() for s in scores]
         batch = scores[0].shape[0]
-        use_queue = self.queue_length and context.epoch + 1 >= self.queue_start and \
-            int(head.queue_filled) >= self.queue_length
+        queue_on = self.queue_length and context.epoch + 1 >= self.queue_start  # an empty queue at queue_start
+        use_queue = queue_on and int(head.queue_filled) >= self.queue_length
         codes = []
         with torch.no_grad():
             for crop in range(self.large):
@@ -170,7 +169,7 @@ class SwAVTask(ContrastiveTask):
                     queued = head.queue[crop] @ head.prototypes.weight.T.float()
                     crop_scores = torch.cat([queued, crop_scores])
                 codes.append(sinkhorn(crop_scores, self.epsilon, self.sinkhorn_iterations, context.group)[-batch:])
-            if self.queue_length and context.epoch + 1 >= self.queue_start:  # an empty queue at queue_start
+            if queue_on:
                 self.push(head, [all_gather_no_grad(z[crop].detach().float(), context.group) for crop in range(self.large)])
         loss = swapped_prediction(scores, codes, self.temperature)
         agree = (codes[0].argmax(1) == scores[1].detach().argmax(1)).float().mean().item()
