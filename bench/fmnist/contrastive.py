@@ -54,6 +54,15 @@ METHODS = {
     "sela": ["--task", "sela", "--task-option", "k=100", "--batch-size", "128"],
     # 2 small crops (15 px) instead of 6 keep its cost near simclr's on 2 cores
     "swav": ["--task", "swav", "--task-option", "small=2", "--batch-size", "256"],
+    # the rest of the handcrafted family and the first versions of SimCLR and MoCo (issue 15: every --task)
+    "simclr2": ["--task", "simclr2", "--batch-size", "256"],
+    "moco": ["--task", "moco", "--batch-size", "256"],
+    "context": ["--task", "context", "--batch-size", "128"],
+    "colorization": ["--task", "colorization", "--batch-size", "128"],
+    "inpainting": ["--task", "inpainting", "--batch-size", "128"],
+    # 3 x 3 tiles of 15 px (the smallest input AlexNet's poolings take) from a 48 px crop of the 28 px image
+    "jigsaw": ["--task", "jigsaw", "--image-size", "48", "--tile-size", "15", "--batch-size", "128"],
+    "jigsawpp": ["--task", "jigsawpp", "--image-size", "48", "--tile-size", "15", "--batch-size", "128"],
     "untrained": [],
     "pixels": [],
 }

@@ -3,7 +3,7 @@
 Rows, each one `ssl` command with the data, the arch and nothing else (the small-image defaults of
 ssl_cli/train/recipe.py decide epochs, optimizer, schedule, noise and image size):
 
-  labels alone   ssl train --labels-per-class 100                      (the supervised baseline)
+  labels alone   ssl train --labels-per-class 100 (and 500)            (the supervised baselines)
   teacher        ssl self-train --labels-per-class 100 --rounds 0      (the same, as self-train's round 0)
   rounds         ssl self-train --teacher <teacher> --rounds 2         (2 noised students, 20k unlabelled images)
   all labels     ssl train                                             (60,000 labels)
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "defaults.results.json")
     parser.add_argument("--arch", default="alexnet_bn_lowres")
     parser.add_argument("--unlabelled", type=int, default=20_000, help="unlabelled images for self-training")
-    parser.add_argument("--skip", default="", help="comma-separated rows not to run now: few, teacher, rounds, all")
+    parser.add_argument("--skip", default="", help="comma-separated rows not to run now: few, few500, teacher, rounds, all")
     args = parser.parse_args()
     work = args.work / args.arch
     work.mkdir(parents=True, exist_ok=True)
@@ -68,12 +68,14 @@ def main() -> None:
 
     skip = set(args.skip.split(","))
     ssl(work, "pack", "--data", TRAIN, "--limit", args.unlabelled, "--out", "unlabelled.h5")
-    if "few" not in skip:
-        ssl(work, "train", "--data", TRAIN, *arch, *few, "--out", "few/model.pt")
-        record("labels alone (ssl train, 100 per class)",
-               f"ssl train --data {TRAIN} --arch {args.arch} --labels-per-class 100",
-               json.loads((work / "few/model.eval.json").read_text())["top1"],
-               train_seconds(work / "few/model.metrics.jsonl"))
+    for row, per_class in (("few", 100), ("few500", 500)):
+        if row in skip:
+            continue
+        ssl(work, "train", "--data", TRAIN, *arch, "--labels-per-class", per_class, "--out", f"{row}/model.pt")
+        record(f"labels alone (ssl train, {per_class} per class)",
+               f"ssl train --data {TRAIN} --arch {args.arch} --labels-per-class {per_class}",
+               json.loads((work / f"{row}/model.eval.json").read_text())["top1"],
+               train_seconds(work / f"{row}/model.metrics.jsonl"))
     self_train = ["self-train", "--labelled", TRAIN, *few, "--unlabelled", "unlabelled.h5", *arch]
     if "teacher" not in skip:
         ssl(work, *self_train, "--rounds", 0, "--out", "teacher")

@@ -1,0 +1,72 @@
+"""bench/fmnist/report.py turns results.json into RESULTS.md: every table carries the raw-pixel rows of
+the same run, the goals are judged from the numbers (met and missed alike), and a part not run yet
+says how to run it instead of vanishing. bench/fmnist/results.py refuses unknown parts in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench" / "fmnist"))
+import report  # noqa: E402
+
+PIXELS = {"knn_100": 0.72, "linear_100": 0.79, "knn_500": 0.78, "linear_500": 0.816, "knn_all": 0.85,
+          "linear_all": 0.85, "nmi_pcaauto": 0.57, "acc_pcaauto": 0.49, "ari_pcaauto": 0.38, "nmi_pca0": 0.59,
+          "acc_pca0": 0.46, "ari_pca0": 0.38}
+
+
+def entry(value: dict) -> dict:
+    return {"value": value, "wall_seconds": 60.0, "date": "2026-12-02", "machine": "2 CPU cores (test)"}
+
+
+def method(knn: float, nmi: float) -> dict:
+    return {"knn_100": knn, "linear_100": 0.80, "knn_500": 0.79, "linear_500": 0.83, "nmi_pcaauto": nmi,
+            "acc_pcaauto": 0.6, "ari_pcaauto": 0.4, "nmi_pca0": 0.5, "acc_pca0": 0.5, "ari_pca0": 0.3,
+            "train_seconds": 360.0}
+
+
+def results() -> dict:
+    supervised = {"alexnet_bn_lowres": {
+        "labels alone (ssl train, 100 per class)": {"top1": 0.8325, "train_seconds": 232.0},
+        "labels alone (ssl train, 500 per class)": {"top1": 0.87, "train_seconds": 400.0},
+        "all 60,000 labels (ssl train)": {"top1": 0.9239, "train_seconds": 1800.0}}}
+    transfer = {"deep": {"conv1": 0.8, "conv2": 0.82}, "own": {"conv1": 0.79, "conv2": 0.81},
+                "transfer": {"conv1": 0.80, "conv2": 0.80}, "clusters": {"nmi": 0.6, "acc_majority": 0.7, "ari": 0.4},
+                "seconds": {"deep pretext": 1200.0, "retrain": 400.0, "own pretext": 420.0}}
+    st = {"teacher_top1": 0.8363, "teacher_seconds": 120.0, "pretrained": "moco2-long",
+          "rounds": [{"round": 0, "top1": 0.8363},
+                     {"round": 1, "top1": 0.851, "pseudo_labelled": 20000, "pseudo_accuracy": 0.83,
+                      "train_seconds": 1500.0}]}
+    return {"pixels": entry(PIXELS), "supervised": entry(supervised),
+            "methods": entry({"pixels": {**PIXELS}, "moco2 (8 epochs of 20000)": method(0.756, 0.505),
+                              "deepcluster (8 epochs of 20000)": method(0.754, 0.602)}),
+            "transfer": entry(transfer), "self-training": entry(st)}
+
+
+def test_tables_carry_the_pixel_rows_and_goals_are_judged_from_the_numbers(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    report.write_markdown(out, results())
+    text = out.read_text()
+    assert "| baseline | **raw pixels (784-d)** |" in text  # the methods table's floor, unbolded
+    assert "| raw pixels, logistic regression | 0.790 | 0.816 | 0.850 | - |" in text  # supervised table
+    assert "raw pixels (logistic regression, same 500 labels) | 0.816" in text  # transfer table
+    assert "| raw pixels, logistic regression (100 per class) | 0.790 | - |" in text  # self-training table
+    # deepcluster's NMI 0.602 beats the pixels' 0.570 and is bold; moco2's 0.505 is not
+    assert "**0.602**" in text and "**0.505**" not in text
+    assert "ahead at 1 of 2 (conv1), missed." in text
+    assert "0.8363 against 0.8325, met (+0.4 points)" in text
+    assert "best student 0.8510, +1.5 points, missed." in text
+    assert "with all labels at least 0.92: best 0.9239, met." in text
+    assert "Not run yet: `--only scan`." in text  # a part that has not run says so
+    assert "| kNN top-1, 100 labels per class | 0.720 | 0.756 | moco2 (8 epochs of 20000) | | |" in text
+
+
+def test_unknown_part_is_one_line_and_runs_nothing(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench/fmnist/results.py"), "--only", "pixels,nope",
+                           "--results", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and done.stderr.strip().count("\n") == 0
+    assert "unknown part nope; valid: pixels, supervised" in done.stderr
+    assert not (tmp_path / "r.json").exists()
