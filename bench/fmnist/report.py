@@ -19,7 +19,7 @@ PUBLISHED = [("DEC (Xie et al. 2016)", 0.651, 0.618, 0.494), ("N2D (McConville e
 PICTURES = [("gallery-scan-moco2.png", "SCAN's clusters of the test split (MoCo v2 features + self-labelling): "
              "a row per cluster, its size, purity and majority class, the images nearest its centre"),
             ("gallery-pixels.png", "k-means on the raw test pixels (no PCA), the same layout"),
-            ("curves-pretext.png", "pretext training: the online kNN top-1 (2,000 test images) and the loss per epoch"),
+            ("curves-pretext.png", "pretext training: the online kNN top-1 (k=20 on 2,000 test images) per epoch; the losses of different tasks are not comparable"),
             ("curves-self-training.png", "supervised and self-training runs at 100 labels per class: loss and "
              "training accuracy per epoch")]
 
@@ -143,7 +143,7 @@ def section_transfer(results: dict, pixels: dict | None) -> list[str]:
         return lines + ["Not run yet: `--only transfer`.", ""]
     seconds = transfer["seconds"]
     clusters = transfer["clusters"]
-    lines += ["The deep net (vgg16_bn_lowres, 13 conv) learns DeepCluster (k=100 over-clustering) on the 20,000 images "
+    lines += ["The deep net (vgg16_bn_lowres at width 0.25: 13 conv layers of 16-128 channels) learns DeepCluster (k=100 over-clustering) on the 20,000 images "
               "for 8 epochs; its pool5 features are clustered by `ssl cluster --k 100`; `ssl pseudolabel` gives every "
               "image its cluster id; the shallow net (alexnet_bn_lowres) is trained on them by `ssl retrain` for the "
               "same 8 epochs of 20,000 images its own DeepCluster run saw. Linear probes (`ssl finetune --mode linear`, "

@@ -67,7 +67,8 @@ def scan_row(work: Path, args: argparse.Namespace, self_label: bool) -> dict:
              "--batch-size", args.batch_size]
     seconds = ssl(work, "cluster", "--method", "scan", "--model", args.model.resolve(), "--data", "train.h5",
                   "--assign-data", f"fashion-mnist:{FMNIST}:test", "--k", 10, "--neighbours",
-                  f"{args.name}.neighbours.h5", *flags, "--no-progress", "--out", out)
+                  f"{args.name}.neighbours.h5", *flags, *(["--force"] if args.force else []), "--no-progress",
+                  "--out", out)
     with h5py.File(work / out) as handle:
         extra = {"neighbour_agreement": float(handle.attrs.get("neighbour_agreement", float("nan"))),
                  "head": int(handle.attrs["head"])}
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--only", default="pixels,features,scan-noself,scan",
                         help="rows to run: pixels, features, scan-noself, scan")
+    parser.add_argument("--force", action="store_true",
+                        help="replace SCAN outputs made with other settings (or by an older version of the stage)")
     args = parser.parse_args()
     if not args.model.exists():
         sys.exit(f"--model {args.model} does not exist; run bench/fmnist/contrastive.py first (or pass another)")
