@@ -16,8 +16,8 @@ FAMILIES = {  # the methods table's order
     "clustering": ("deepcluster", "sela", "swav"),
 }
 PUBLISHED = [("DEC (Xie et al. 2016)", 0.651, 0.618, 0.494), ("N2D (McConville et al. 2019)", 0.684, 0.672, None)]
-PICTURES = [("gallery-scan-moco2.png", "SCAN's clusters of the test split (MoCo v2 features + self-labelling): "
-             "a row per cluster, its size, purity and majority class, the images nearest its centre"),
+PICTURES = [("gallery-best.png", "The best clusters of the test split ({best}): a row per cluster, its size, "
+             "purity and majority class, its most confident images (red: not the majority class)"),
             ("gallery-pixels.png", "k-means on the raw test pixels (no PCA), the same layout"),
             ("curves-pretext.png", "pretext training: the online kNN top-1 (k=20 on 2,000 test images) per epoch; the losses of different tasks are not comparable"),
             ("curves-self-training.png", "supervised and self-training runs at 100 labels per class: loss and "
@@ -283,6 +283,7 @@ def write_markdown(path: Path, results: dict) -> None:
     lines += ["## Pictures", "", f"Part `pictures`: {wall(results, 'pictures')}.", ""]
     for name, caption in PICTURES:
         if name in pictures:
+            caption = caption.format(best=pictures.get("best clusters", "SCAN"))
             lines += [f"{caption}:", "", f"![{name}]({pictures[name]})", ""]
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():

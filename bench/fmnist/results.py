@@ -13,7 +13,8 @@ outputs that are up to date, so a stopped part continues where it was and a fini
   methods        every `--task` at one budget (bench/fmnist/contrastive.py's protocol: 8 epochs of the
                  first 20,000 training images, pool5 features, kNN / linear from 100 and 500 labels per
                  class, k-means k=10 on the test split), the untrained net and the pixels
-  scan           SCAN's clusters from the MoCo v2 features (bench/fmnist/scan.py: train -> test split)
+  scan           SCAN's clusters from the MoCo v2 and the context features (bench/fmnist/scan.py: train ->
+                 test split), against k-means on the pixels and on the same features
   transfer       knowledge transfer (Noroozi et al. 2018) with DeepCluster, the best method at the
                  clusters this recipe consumes: VGG16-BN on DeepCluster -> its features -> k-means k=100
                  -> pseudo-labels -> AlexNet-BN, linear probes at every conv layer against AlexNet-BN's
@@ -39,8 +40,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -111,19 +110,28 @@ def part_supervised(runs: Path) -> dict:
     return load(HERE / "defaults.results.json")
 
 
-def part_methods(runs: Path) -> dict:
-    by_epochs: dict[int, list[str]] = {}
+def part_methods(runs: Path, redo: bool = False) -> dict:
+    """The rows of contrastive.results.json that are missing (all of them with `redo`), and the pixels and
+    the untrained net again: every `ssl` call of a finished row costs a model load, 18 rows x 5 calls."""
+    done = load(HERE / "contrastive.results.json")
+    by_epochs: dict[int, list[str]] = {8: ["pixels", "untrained"]}
     for method, epochs in EPOCHS.items():
-        by_epochs.setdefault(epochs, []).append(method)
+        if redo or f"{method} ({epochs} epochs of 20000)" not in done:
+            by_epochs.setdefault(epochs, []).append(method)
     for epochs, methods in sorted(by_epochs.items()):
-        extra = ["pixels", "untrained"] if epochs == 8 else []
-        bench("contrastive.py", "--work", runs / "fmnist-contrastive", "--epochs", epochs, "--methods",
-              ",".join(extra + methods))
+        bench("contrastive.py", "--work", runs / "fmnist-contrastive", "--epochs", epochs, "--methods", ",".join(methods))
     return load(HERE / "contrastive.results.json")
 
 
+# checkpoints SCAN starts from and the scan.py rows of each: MoCo v2 (the best start in issue 14) and
+# context prediction (the methods table's best features)
+SCAN_STARTS = {"moco2": "pixels,features,scan-noself,scan", "context": "features,scan-noself"}
+
+
 def part_scan(runs: Path) -> dict:
-    bench("scan.py", "--work", runs / "fmnist-scan", "--model", runs / "fmnist-contrastive/moco2.pt", "--name", "moco2")
+    for name, rows in SCAN_STARTS.items():
+        bench("scan.py", "--work", runs / "fmnist-scan", "--model", runs / f"fmnist-contrastive/{name}.pt", "--name",
+              name, "--only", rows)
     return load(HERE / "scan.results.json")
 
 
@@ -193,8 +201,9 @@ def part_pictures(runs: Path) -> dict:
         ssl(Path.cwd(), *args, "--out", pictures / name, "--force")
         made[name] = str((pictures / name).relative_to(HERE))
 
-    scan = runs / "fmnist-scan" / "moco2-scan-sl0.0001.h5"
-    picture("gallery-scan-moco2.png", "gallery", scan, "--data", TEST, "--clusters", 10, "--per-cluster", 10,
+    best, label = best_scan(runs)
+    made["best clusters"] = label
+    picture("gallery-best.png", "gallery", best, "--data", TEST, "--clusters", 10, "--per-cluster", 10,
             "--thumb-size", 32)
     picture("gallery-pixels.png", "gallery", runs / "fmnist-contrastive" / "pixels-clusters-pca0.h5", "--data", TEST,
             "--clusters", 10, "--per-cluster", 10, "--thumb-size", 32)
@@ -214,6 +223,15 @@ def part_pictures(runs: Path) -> dict:
     picture("curves-self-training.png", "plot", *[path for path, _ in runs_],
             *[flag for _, label in runs_ for flag in ("--label", label)], "--metrics", "loss,accuracy")
     return made
+
+
+def best_scan(runs: Path) -> tuple[Path, str]:
+    """The SCAN clusters of the test split with the highest NMI in scan.results.json, and their row name."""
+    rows = {name: row for name, row in load(HERE / "scan.results.json").items() if name.startswith("SCAN")}
+    name = max(rows, key=lambda key: rows[key]["nmi"])
+    start = name.split(" from ")[1].split(" (")[0]
+    lr = name.split("(lr ")[1].split(")")[0] if "self-label (lr" in name else None
+    return runs / "fmnist-scan" / (f"{start}-scan-sl{lr}.h5" if lr else f"{start}-scan-noself.h5"), name
 
 
 def prepare(work: Path) -> None:
@@ -251,6 +269,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results.json")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--only", default=",".join(PARTS), help=f"parts to run: {', '.join(PARTS)}, or write")
+    parser.add_argument("--redo", action="store_true",
+                        help="methods: evaluate the finished rows again too (otherwise only the missing ones)")
     args = parser.parse_args()
     parts = [part for part in args.only.split(",") if part != "write"]
     unknown = [part for part in parts if part not in RUNNERS]
@@ -261,7 +281,7 @@ def main() -> None:
     for part in parts:
         print(f"== {part}", flush=True)
         began = time.perf_counter()
-        value = RUNNERS[part](args.runs)
+        value = part_methods(args.runs, args.redo) if part == "methods" else RUNNERS[part](args.runs)
         results = load(args.results)  # re-read: another part may have been written meanwhile
         results[part] = {"value": value, "wall_seconds": round(time.perf_counter() - began, 1),
                          "date": time.strftime("%Y-%m-%d"), "machine": machine()}
