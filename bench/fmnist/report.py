@@ -91,6 +91,11 @@ def section_methods(results: dict, pixels: dict | None) -> list[str]:
         seconds = row.get("train_seconds")
         minutes = f"{seconds / 60:.0f} min" if seconds else "-"
         lines.append(f"| {family} | {key} | " + " | ".join(cells(row)) + f" | {minutes} | {above(row, base)}/7 |")
+    measured = {method_name(key) for key in methods}
+    missing = [name for names in FAMILIES.values() for name in names if name not in measured]
+    if missing:
+        lines += ["", f"Not measured yet: {', '.join(missing)} (`python bench/fmnist/results.py --only methods` "
+                  "runs them; each takes 15-30 min on 2 shared cores)."]
     return lines + [""]
 
 

@@ -110,13 +110,13 @@ def part_supervised(runs: Path) -> dict:
     return load(HERE / "defaults.results.json")
 
 
-def part_methods(runs: Path, redo: bool = False) -> dict:
+def part_methods(runs: Path, redo: bool = False, only: set[str] | None = None) -> dict:
     """The rows of contrastive.results.json that are missing (all of them with `redo`), and the pixels and
     the untrained net again: every `ssl` call of a finished row costs a model load, 18 rows x 5 calls."""
     done = load(HERE / "contrastive.results.json")
     by_epochs: dict[int, list[str]] = {8: ["pixels", "untrained"]}
     for method, epochs in EPOCHS.items():
-        if redo or f"{method} ({epochs} epochs of 20000)" not in done:
+        if (only is None or method in only) and (redo or f"{method} ({epochs} epochs of 20000)" not in done):
             by_epochs.setdefault(epochs, []).append(method)
     for epochs, methods in sorted(by_epochs.items()):
         bench("contrastive.py", "--work", runs / "fmnist-contrastive", "--epochs", epochs, "--methods", ",".join(methods))
@@ -269,6 +269,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results.json")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--only", default=",".join(PARTS), help=f"parts to run: {', '.join(PARTS)}, or write")
+    parser.add_argument("--methods", default=None,
+                        help="methods: the tasks to run if missing (default: every one); the table shows the rest "
+                             "as not measured")
     parser.add_argument("--redo", action="store_true",
                         help="methods: evaluate the finished rows again too (otherwise only the missing ones)")
     args = parser.parse_args()
@@ -281,7 +284,10 @@ def main() -> None:
     for part in parts:
         print(f"== {part}", flush=True)
         began = time.perf_counter()
-        value = part_methods(args.runs, args.redo) if part == "methods" else RUNNERS[part](args.runs)
+        if part == "methods":
+            value = part_methods(args.runs, args.redo, set(args.methods.split(",")) if args.methods else None)
+        else:
+            value = RUNNERS[part](args.runs)
         results = load(args.results)  # re-read: another part may have been written meanwhile
         results[part] = {"value": value, "wall_seconds": round(time.perf_counter() - began, 1),
                          "date": time.strftime("%Y-%m-%d"), "machine": machine()}
