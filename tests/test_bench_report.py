@@ -59,6 +59,7 @@ def test_tables_carry_the_pixel_rows_and_goals_are_judged_from_the_numbers(tmp_p
     assert "0.8363 against 0.8325, met (+0.4 points)" in text
     assert "best student 0.8510, +1.5 points, missed." in text
     assert "with all labels at least 0.92: best 0.9239, met." in text
+    assert "at least 0.84: alexnet_bn_lowres 0.8325, missed" in text
     assert "Not run yet: `--only scan`." in text  # a part that has not run says so
     assert "Not measured yet: rotation, jigsaw," in text  # and so do the tasks missing from the methods table
     assert "| kNN top-1, 100 labels per class | 0.720 | 0.756 | moco2 (8 epochs of 20000) | | |" in text

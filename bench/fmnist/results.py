@@ -208,7 +208,7 @@ def part_pictures(runs: Path) -> dict:
     picture("gallery-pixels.png", "gallery", runs / "fmnist-contrastive" / "pixels-clusters-pca0.h5", "--data", TEST,
             "--clusters", 10, "--per-cluster", 10, "--thumb-size", 32)
     contrastive = runs / "fmnist-contrastive"
-    curves = ["simclr", "moco2", "autoencoder", "rotation", "deepcluster", "jigsaw", "inpainting"]
+    curves = ["context", "simclr2", "moco2", "autoencoder", "rotation", "deepcluster", "jigsaw", "inpainting"]
     present = [m for m in curves if (contrastive / f"{m}.metrics.jsonl").exists()]
     labels = [flag for m in present for flag in ("--label", m)]
     picture("curves-pretext.png", "plot", *[contrastive / f"{m}.metrics.jsonl" for m in present], *labels,
