@@ -70,7 +70,7 @@ def section_methods(results: dict, pixels: dict | None) -> list[str]:
               "scores are test top-1 on 10,000 images. k-means: k=10 on the test features with the tool's default "
               "PCA (auto) and without PCA. **Bold**: above the raw pixels of this run. The last column counts the "
               "measures (of the 7 with the default PCA) above the pixels.", "",
-              "| family | features | kNN 100 | kNN 500 | linear 100 | linear 500 | NMI | ACC | ARI | NMI / ACC / ARI "
+              "| family | features | kNN 100 | linear 100 | kNN 500 | linear 500 | NMI | ACC | ARI | NMI / ACC / ARI "
               "(no PCA) | pre-training | above pixels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = pixels or methods.get("pixels", {})
 
