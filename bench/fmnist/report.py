@@ -43,13 +43,10 @@ def method_name(key: str) -> str:
 
 def methods_rows(methods: dict) -> list[tuple[str, str, dict]]:
     """(family, key, row) in FAMILIES order, then anything else the results hold."""
-    order = {name: (i, family) for i, (family, names) in enumerate(FAMILIES.items()) for name in names}
-    rows = [(order.get(method_name(key), (9, "other"))[1], key, row) for key, row in methods.items()
+    order = {name: (i, j, family) for i, (family, names) in enumerate(FAMILIES.items()) for j, name in enumerate(names)}
+    rows = [(order.get(method_name(key), (len(FAMILIES), 0, "other")), key, row) for key, row in methods.items()
             if method_name(key) not in ("pixels", "untrained")]
-    rows.sort(key=lambda item: (order.get(method_name(item[1]), (9,))[0],
-                                FAMILIES.get(item[0], ()).index(method_name(item[1]))
-                                if method_name(item[1]) in FAMILIES.get(item[0], ()) else 0))
-    return rows
+    return [(rank[2], key, row) for rank, key, row in sorted(rows, key=lambda item: item[0][:2])]
 
 
 def above(row: dict, pixels: dict) -> int:
@@ -236,7 +233,7 @@ def section_headline(results: dict, pixels: dict | None) -> list[str]:
                     "70,000 images (train and test together), a different protocol.", ""]
 
 
-def goals(results: dict, pixels: dict | None) -> list[str]:
+def goals(results: dict) -> list[str]:
     lines = ["## The issue's goals", ""]
     supervised = part(results, "supervised") or {}
     every = [row["top1"] for rows in supervised.values() for name, row in rows.items() if name.startswith("all 60,000")]
@@ -281,7 +278,7 @@ def write_markdown(path: Path, results: dict) -> None:
              f"rewritten {time.strftime('%Y-%m-%d')}). Machine: {'; '.join(machines) or '-'}. Wall time of the parts "
              f"as last run: {total / 60:.0f} min (a part whose stages were already done costs seconds; the training "
              "time of each row is in its table). Every part resumes where it stopped: `--only PART`.", "",
-             *section_headline(results, pixels), *goals(results, pixels), *section_supervised(results, pixels),
+             *section_headline(results, pixels), *goals(results), *section_supervised(results, pixels),
              *section_methods(results, pixels), *section_scan(results), *section_transfer(results, pixels),
              *section_self_training(results, pixels)]
     pictures = part(results, "pictures") or {}
