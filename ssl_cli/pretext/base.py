@@ -18,7 +18,9 @@ lives in the head (parameters and buffers), so the checkpoint holds it and resum
 - `after_step(head, context)`: after each optimizer step (a momentum update);
 - `epoch_start(network, epoch, optimizer)`: before every epoch, a resumed one too (DeepCluster labels the
   whole set); may return the epoch's sampling weights;
-- `epoch_end(network, epoch)`: figures for the epoch's metrics row.
+- `epoch_end(network, epoch)`: figures for the epoch's metrics row;
+- `caveats(source)`: warnings the stage prints before training when the data cannot serve the task
+  (colorization on grey images).
 
 The backbone is a registry arch (torchvision layout), so after pretext training its state dict
 loads into the same arch for `ssl extract`; only `trunk` (the backbone up to its conv map) is
@@ -123,6 +125,10 @@ class PretextTask:
     def meta(self) -> dict[str, Any]:
         """What the checkpoint records beside the task options (e.g. the default feature layer)."""
         return {}
+
+    def caveats(self, source: "ImageSource") -> list[str]:
+        """Warnings about these images for this task, printed by the stage before training (none by default)."""
+        return []
 
 
 class ClassificationTask(PretextTask):

@@ -91,6 +91,8 @@ def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
     source = open_source(cfg.data)
     task = make_task(cfg, source)
     record = _provenance(cfg, source, task)
+    for message in task.caveats(source):
+        reporter.warn(message)
     dataset = task.dataset(source, cfg.seed)  # first: a method may size its state by it (MoCo's queue)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

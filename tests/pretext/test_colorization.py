@@ -14,6 +14,7 @@ from ssl_cli.pretext.handcrafted.colorization import (
     AB_RANGE,
     ColorizationTask,
     class_centres,
+    is_grey,
     lab_to_rgb,
     quantise_ab,
     rgb_to_lab,
@@ -125,3 +126,43 @@ def test_a_few_adam_steps_lower_the_loss(adam_steps):
     assert 0.0 <= task.accuracy(output, targets) <= 1.0
     # Measured over seeds 0-5: final/initial between 0.45 and 0.49.
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+class ListSource:
+    """The two methods of an ImageSource that caveats reads."""
+
+    def __init__(self, images: list[Image.Image]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return self.images[index]
+
+
+def test_grey_images_get_a_caveat_and_colour_ones_none():
+    colour = [toy_image(i) for i in range(6)]
+    grey_rgb = [image.convert("L").convert("RGB") for image in colour]
+    task = ColorizationTask(SIZE)
+    assert not is_grey(colour[0]) and is_grey(grey_rgb[0]) and is_grey(colour[0].convert("L"))
+    assert task.caveats(ListSource(colour)) == []
+    assert task.caveats(ListSource(grey_rgb[:3] + colour[3:4])) == []  # one colour image in the sample is enough
+    [message] = task.caveats(ListSource(grey_rgb))
+    assert "grey" in message and "another --task" in message
+
+
+def test_pretext_stage_warns_before_training_on_grey_images(tmp_path):
+    from typer.testing import CliRunner
+
+    from ssl_cli.cli import app
+
+    for index in range(8):
+        folder = tmp_path / "grey" / f"c{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        toy_image(index).convert("L").save(folder / f"{index}.png")
+    result = CliRunner().invoke(app, ["pretext", "--task", "colorization", "--arch", "alexnet_bn_lowres", "--image-size",
+                                      "32", "--batch-size", "4", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                                      "--no-progress", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "c.pt")])
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.output and "look grey" in result.output
