@@ -55,7 +55,7 @@ def test_tables_carry_the_pixel_rows_and_goals_are_judged_from_the_numbers(tmp_p
     assert "| raw pixels, logistic regression (100 per class) | 0.790 | - |" in text  # self-training table
     # deepcluster's NMI 0.602 beats the pixels' 0.570 and is bold; moco2's 0.505 is not
     assert "**0.602**" in text and "**0.505**" not in text
-    assert "ahead at 1 of 2 (conv1), missed." in text
+    assert "from pool5 clusters ahead at 1 of 2 (conv1), missed." in text
     assert "0.8363 against 0.8325, met (+0.4 points)" in text
     assert "best student 0.8510, +1.5 points, missed." in text
     assert "with all labels at least 0.92: best 0.9239, met." in text
@@ -72,3 +72,20 @@ def test_unknown_part_is_one_line_and_runs_nothing(tmp_path):
     assert done.returncode != 0 and done.stderr.strip().count("\n") == 0
     assert "unknown part nope; valid: pixels, supervised" in done.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_transfer_is_met_only_when_one_clustered_layer_wins_everywhere(tmp_path):
+    data = results()
+    probes = {"pool5": {"conv1": 0.80, "conv2": 0.80}, "conv2": {"conv1": 0.78, "conv2": 0.83}}
+    variants = {layer: {"probes": values, "clusters": {"nmi": 0.5, "acc_majority": 0.7}, "retrain_seconds": 400.0}
+                for layer, values in probes.items()}
+    data["transfer"]["value"] = {**data["transfer"]["value"], "variants": variants}
+    out = tmp_path / "RESULTS.md"
+    report.write_markdown(out, data)
+    text = out.read_text()
+    # each variant wins one layer: the better one per layer would be two recipes, so the goal stays missed
+    assert "from pool5 clusters ahead at 1 of 2 (conv1); from conv2 clusters ahead at 1 of 2 (conv2), missed." in text
+    assert "| conv2 | 0.820 | 0.810 | 0.800 | -1.0 | **0.830** | +2.0 |" in text
+    probes["conv2"]["conv1"] = 0.795
+    report.write_markdown(out, data)
+    assert "from conv2 clusters ahead at 2 of 2 (conv1, conv2), met." in out.read_text()
