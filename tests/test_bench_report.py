@@ -38,7 +38,9 @@ def results() -> dict:
     st = {"teacher_top1": 0.8363, "teacher_seconds": 120.0, "pretrained": "moco2-long",
           "rounds": [{"round": 0, "top1": 0.8363},
                      {"round": 1, "top1": 0.851, "pseudo_labelled": 20000, "pseudo_accuracy": 0.83,
-                      "train_seconds": 1500.0}]}
+                      "train_seconds": 1500.0},
+                     {"round": 2, "top1": 0.850, "pseudo_labelled": 20000, "pseudo_accuracy": 0.85,
+                      "student_width": 0.5, "train_seconds": 3000.0}]}
     return {"pixels": entry(PIXELS), "supervised": entry(supervised),
             "methods": entry({"pixels": {**PIXELS}, "moco2 (8 epochs of 20000)": method(0.756, 0.505),
                               "deepcluster (8 epochs of 20000)": method(0.754, 0.602)}),
@@ -58,6 +60,7 @@ def test_tables_carry_the_pixel_rows_and_goals_are_judged_from_the_numbers(tmp_p
     assert "from pool5 clusters ahead at 1 of 2 (conv1), missed." in text
     assert "0.8363 against 0.8325, met (+0.4 points)" in text
     assert "best student 0.8510, +1.5 points, missed." in text
+    assert "| round 2 student, width 0.5 (the teacher's x2) (20000 soft pseudo-labels, 0.850 of their argmax right) | 0.850 | 50 min |" in text
     assert "with all labels at least 0.92: best 0.9239, met." in text
     assert "at least 0.84: alexnet_bn_lowres 0.8325, missed" in text
     assert "Not run yet: `--only scan`." in text  # a part that has not run says so

@@ -199,7 +199,8 @@ def section_self_training(results: dict, pixels: dict | None) -> list[str]:
               "(`ssl finetune --mode full`) on the 100 labels per class; each round, `ssl self-train --soft` "
               "trains a student of the same arch (alexnet_bn_lowres) from scratch on the labelled images plus the "
               "teacher's probabilities on 20,000 unlabelled training images, with the tool's default noise "
-              "(RandAugment, dropout); the student teaches the next round.", "",
+              "(RandAugment, dropout); the student teaches the next round. A last round trains a wider student "
+              "(Noisy Student's growth step), when the part has run it.", "",
               "| model (alexnet_bn_lowres unless named) | test top-1 | training time |", "|---|---|---|"]
     if pixels:
         lines += [f"| raw pixels, logistic regression (100 per class) | {f3(pixels['linear_100'])} | - |",
@@ -209,7 +210,8 @@ def section_self_training(results: dict, pixels: dict | None) -> list[str]:
     lines.append(f"| teacher: {st['pretrained']} finetuned on the 100 per class | {f3(st['teacher_top1'])} | "
                  f"{st['teacher_seconds'] / 60:.0f} min (+ pre-training) |")
     for item in st["rounds"][1:]:
-        lines.append(f"| round {item['round']} student ({item['pseudo_labelled']} soft pseudo-labels, "
+        wider = f", width {item['student_width']} (the teacher's x2)" if "student_width" in item else ""
+        lines.append(f"| round {item['round']} student{wider} ({item['pseudo_labelled']} soft pseudo-labels, "
                      f"{f3(item['pseudo_accuracy'])} of their argmax right) | {f3(item['top1'])} | "
                      f"{(item['train_seconds'] or 0) / 60:.0f} min |")
     lines.append(f"| all 60,000 labels (`ssl train`) | {f3(every.get('top1'))} | "
