@@ -16,16 +16,17 @@ outputs that are up to date, so a stopped part continues where it was and a fini
   scan           SCAN's clusters from the MoCo v2 and the context features (bench/fmnist/scan.py: train ->
                  test split), against k-means on the pixels and on the same features
   transfer       knowledge transfer (Noroozi et al. 2018) with DeepCluster, the best method at the
-                 clusters this recipe consumes: VGG16-BN on DeepCluster -> its features -> k-means k=100
-                 -> pseudo-labels -> AlexNet-BN, linear probes at every conv layer against AlexNet-BN's
-                 own DeepCluster training at the same budget
+                 clusters this recipe consumes: VGG16-BN on DeepCluster -> its pool5 or conv2 features ->
+                 k-means k=100 -> pseudo-labels -> AlexNet-BN, linear probes at every conv layer against
+                 AlexNet-BN's own DeepCluster training at the same budget
   self-training  SimCLRv2's recipe: MoCo v2 pre-training -> full finetuning on 100 labels per class
                  (the teacher) -> distillation rounds on 20,000 unlabelled images (`ssl self-train
-                 --teacher --soft`), against the labels alone and all labels
+                 --teacher --soft`), then one round with a student twice as wide, against the labels
+                 alone and all labels
   pictures       galleries of the best and the raw-pixel clusters, training curves of the main runs
                  (bench/fmnist/pictures/, embedded in RESULTS.md)
 
-    python bench/fmnist/results.py                        # everything (about 6 hours on 2 cores from nothing)
+    python bench/fmnist/results.py                        # everything (about 10 hours on 2 shared cores from nothing)
     python bench/fmnist/results.py --only pixels,transfer # some parts
     python bench/fmnist/results.py --only write           # RESULTS.md from results.json, nothing run
 """
