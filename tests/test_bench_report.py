@@ -59,7 +59,7 @@ def test_tables_carry_the_pixel_rows_and_goals_are_judged_from_the_numbers(tmp_p
     assert "**0.602**" in text and "**0.505**" not in text
     assert "from pool5 clusters ahead at 1 of 2 (conv1), missed." in text
     assert "0.8363 against 0.8325, met (+0.4 points)" in text
-    assert "best student 0.8510, +1.5 points, missed." in text
+    assert "best student 0.8510, round 1, +1.5 points, missed." in text
     assert "| round 2 student, width 0.5 (the teacher's x2) (20000 soft pseudo-labels, 0.850 of their argmax right) | 0.850 | 50 min |" in text
     assert "with all labels at least 0.92: best 0.9239, met." in text
     assert "at least 0.84: alexnet_bn_lowres 0.8325, missed" in text
@@ -92,3 +92,15 @@ def test_transfer_is_met_only_when_one_clustered_layer_wins_everywhere(tmp_path)
     probes["conv2"]["conv1"] = 0.795
     report.write_markdown(out, data)
     assert "from conv2 clusters ahead at 2 of 2 (conv1, conv2), met." in out.read_text()
+
+
+def test_a_wider_best_student_is_read_against_the_labels_alone_at_its_width(tmp_path):
+    data = results()
+    st = data["self-training"]["value"]
+    st["rounds"][-1]["top1"] = 0.8674
+    st["wide_labels_alone"] = {"width": 0.5, "top1": 0.84, "train_seconds": 300.0}
+    out = tmp_path / "RESULTS.md"
+    report.write_markdown(out, data)
+    text = out.read_text()
+    assert "best student 0.8674, round 2 (the labels alone at its width 0.5: 0.8400), +3.1 points, met." in text
+    assert "| labels alone at the wider student's width 0.5 (`ssl train --width 0.5`, 100 per class) | 0.840 | 5 min |" in text

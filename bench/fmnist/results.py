@@ -196,6 +196,9 @@ def part_self_training(runs: Path) -> dict:
     ssl(work, "self-train", "--labelled", TRAIN, "--labels-per-class", 100, "--unlabelled", "train.h5", "--teacher",
         f"{out}/round-{ROUNDS}/student.pt", "--rounds", 1, "--student-width", WIDE_STUDENT, "--soft", "--no-progress",
         "--out", wide)
+    # the wider student's own labels-alone reference: how much of its gain is the width alone
+    ssl(work, "train", "--data", TRAIN, "--arch", "alexnet_bn_lowres", "--width", WIDE_STUDENT, "--labels-per-class",
+        100, "--no-progress", "--out", "labels-alone-wide/model.pt")
     rounds = []
     for item in load(work / out / "summary.json")["rounds"]:
         metrics = work / out / f"round-{item['round']}" / "student.metrics.jsonl"
@@ -205,7 +208,9 @@ def part_self_training(runs: Path) -> dict:
                    "train_seconds": trained_seconds(work / wide / "round-1" / "student.metrics.jsonl")})
     return {"teacher_top1": load(work / teacher / "metrics.json")["layers"]["logits"]["top1"],
             "teacher_seconds": trained_seconds(work / teacher / "finetuned.metrics.jsonl"),
-            "pretrained": TEACHER_METHOD, "rounds": rounds}
+            "pretrained": TEACHER_METHOD, "rounds": rounds,
+            "wide_labels_alone": {"width": WIDE_STUDENT, "top1": load(work / "labels-alone-wide" / "model.eval.json")["top1"],
+                                  "train_seconds": trained_seconds(work / "labels-alone-wide" / "model.metrics.jsonl")}}
 
 
 def part_pictures(runs: Path) -> dict:
@@ -224,7 +229,7 @@ def part_pictures(runs: Path) -> dict:
     picture("gallery-pixels.png", "gallery", runs / "fmnist-contrastive" / "pixels-clusters-pca0.h5", "--data", TEST,
             "--clusters", 10, "--per-cluster", 10, "--thumb-size", 32)
     contrastive = runs / "fmnist-contrastive"
-    curves = ["context", "simclr2", "moco2", "autoencoder", "rotation", "deepcluster", "jigsaw", "inpainting"]
+    curves = ["context", "simclr2", "moco2", "autoencoder", "rotation", "deepcluster", "swav", "jigsaw", "inpainting"]
     present = [m for m in curves if (contrastive / f"{m}.metrics.jsonl").exists()]
     labels = [flag for m in present for flag in ("--label", m)]
     picture("curves-pretext.png", "plot", *[contrastive / f"{m}.metrics.jsonl" for m in present], *labels,
@@ -234,7 +239,8 @@ def part_pictures(runs: Path) -> dict:
     teacher = runs / "fmnist-results" / f"teacher-{TEACHER_METHOD}" / "finetuned.metrics.jsonl"
     few = runs / "fmnist-defaults" / "alexnet_bn_lowres" / "few" / "model.metrics.jsonl"
     runs_ = [(few, "labels alone"), (teacher, f"teacher ({TEACHER_METHOD} finetuned)")] + \
-        [(path, f"student {path.parent.name}") for path in students]
+        [(path, f"student {path.parent.name}") for path in students] + \
+        [(st.with_name(st.name + "-wide") / "round-1" / "student.metrics.jsonl", f"wider student round-{ROUNDS + 1}")]
     runs_ = [(path, label) for path, label in runs_ if path.exists()]
     picture("curves-self-training.png", "plot", *[path for path, _ in runs_],
             *[flag for _, label in runs_ for flag in ("--label", label)], "--metrics", "loss,accuracy")
