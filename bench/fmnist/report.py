@@ -139,15 +139,6 @@ def section_scan(results: dict) -> list[str]:
     return lines
 
 
-def transfer_variants(transfer: dict) -> dict:
-    """{clustered layer: {"probes", "clusters", "retrain_seconds"}}; results written before there were several
-    variants hold the pool5 one flat."""
-    if "variants" in transfer:
-        return transfer["variants"]
-    return {"pool5": {"probes": transfer["transfer"], "clusters": transfer["clusters"],
-                      "retrain_seconds": transfer["seconds"].get("retrain")}}
-
-
 def section_transfer(results: dict, pixels: dict | None) -> list[str]:
     transfer = part(results, "transfer")
     lines = ["## Knowledge transfer (Noroozi et al. 2018) with DeepCluster", "",
@@ -155,7 +146,7 @@ def section_transfer(results: dict, pixels: dict | None) -> list[str]:
     if not transfer:
         return lines + ["Not run yet: `--only transfer`.", ""]
     seconds = transfer["seconds"]
-    variants = transfer_variants(transfer)
+    variants = transfer["variants"]  # {clustered layer: {"probes", "clusters", "retrain_seconds"}}
     lines += ["The deep net (vgg16_bn_lowres at width 0.25: 13 conv layers of 16-128 channels) learns DeepCluster (k=100 over-clustering) on the 20,000 images "
               "for 8 epochs; its features at a layer are clustered by `ssl cluster --k 100` (pool5, the top of its "
               "trunk, as in the paper, and conv2, its best layer by linear probe, average-pooled to 3x3); `ssl "
@@ -275,7 +266,7 @@ def goals(results: dict) -> list[str]:
     transfer = part(results, "transfer")
     if transfer:
         judged = []
-        for clustered, variant in transfer_variants(transfer).items():
+        for clustered, variant in transfer["variants"].items():
             wins = [layer for layer in transfer["own"] if variant["probes"][layer] > transfer["own"][layer]]
             judged.append((len(wins) == len(transfer["own"]),
                            f"from {clustered} clusters ahead at {len(wins)} of {len(transfer['own'])} "

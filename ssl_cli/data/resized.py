@@ -18,6 +18,7 @@ from ssl_cli.data.dataset import load_readable
 from ssl_cli.data.sources import ImageSource
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
+GREY_SAMPLE = 256  # images looked at to decide whether a set is grey
 
 
 def to_uint8(image: Image.Image, size: int) -> torch.Tensor:
@@ -26,6 +27,16 @@ def to_uint8(image: Image.Image, size: int) -> torch.Tensor:
     if image.size != (size, size):
         image = TF.center_crop(TF.resize(image, size, antialias=True), size)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def first_images(source: ImageSource, size: int, count: int = GREY_SAMPLE) -> torch.Tensor:
+    """The first `count` images of a source as uint8 (n, 3, size, size), n = min(count, len(source))."""
+    return torch.stack([to_uint8(source.load(i), size) for i in range(min(count, len(source)))])
+
+
+def is_grey(images: torch.Tensor) -> bool:
+    """uint8 (N, 3, S, S) -> True when every pixel has equal channels."""
+    return bool((images[:, 0] == images[:, 1]).all() and (images[:, 1] == images[:, 2]).all())
 
 
 class ResizedImages(Dataset):

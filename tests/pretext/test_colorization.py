@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ssl_cli.data.resized import is_grey, to_uint8
 from ssl_cli.data.toy import draw_toy_image
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.handcrafted.colorization import (
     AB_RANGE,
     ColorizationTask,
     class_centres,
-    is_grey,
     lab_to_rgb,
     quantise_ab,
     rgb_to_lab,
@@ -145,7 +145,10 @@ def test_grey_images_get_a_caveat_and_colour_ones_none():
     colour = [toy_image(i) for i in range(6)]
     grey_rgb = [image.convert("L").convert("RGB") for image in colour]
     task = ColorizationTask(SIZE)
-    assert not is_grey(colour[0]) and is_grey(grey_rgb[0]) and is_grey(colour[0].convert("L"))
+    def grey(image: Image.Image) -> bool:
+        return is_grey(to_uint8(image, SIZE)[None])
+
+    assert not grey(colour[0]) and grey(grey_rgb[0]) and grey(colour[0].convert("L"))
     assert task.caveats(ListSource(colour)) == []
     assert task.caveats(ListSource(grey_rgb[:3] + colour[3:4])) == []  # one colour image in the sample is enough
     [message] = task.caveats(ListSource(grey_rgb))

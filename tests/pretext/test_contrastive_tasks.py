@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from ssl_cli.cli import app
+from ssl_cli.data.resized import is_grey
 from ssl_cli.models.network import network_from_checkpoint
-from ssl_cli.pretext.contrastive.base import is_grey
 from ssl_cli.pretext.registry import FAMILIES
 
 COMMON = ["--arch", "alexnet_bn_lowres", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--no-progress",

@@ -20,14 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_cli.data.resized import ResizedImages
+from ssl_cli.data.resized import GREY_SAMPLE, ResizedImages, is_grey
 from ssl_cli.data.sources import ImageSource
 from ssl_cli.data.views import ViewRecipe, make_views, view_recipe
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.base import PretextTask, TaskInfo
 
 SMALL_IMAGE = 64  # at or below: the small-image (CIFAR) version of a preset
-GREY_SAMPLE = 256  # images looked at to decide whether a set is grey
 VIEW_FIELDS = frozenset(field.name for field in fields(ViewRecipe)) - {"image_size", "mean", "std"} | {"jitter_strength"}
 
 
@@ -37,11 +36,6 @@ def check_number(task: str, name: str, value: Any, low: float, high: float, inte
     if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
         what = "an integer" if integer else "a number"
         raise UserError(f"{task}: {name} must be {what} in [{low}, {high}], got {value!r}")
-
-
-def is_grey(images: torch.Tensor) -> bool:
-    """uint8 (N, 3, S, S) -> True when every pixel has equal channels."""
-    return bool((images[:, 0] == images[:, 1]).all() and (images[:, 1] == images[:, 2]).all())
 
 
 class WholeImages(ResizedImages):

@@ -35,11 +35,11 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from ssl_cli.data.resized import to_uint8
+from ssl_cli.data.resized import first_images, to_uint8
 from ssl_cli.data.sources import ImageSource
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.base import minimum_trunk_input
-from ssl_cli.pretext.contrastive.base import GREY_SAMPLE, ContrastiveTask, check_number
+from ssl_cli.pretext.contrastive.base import ContrastiveTask, check_number
 from ssl_cli.pretext.dataset import PretextDataset
 from ssl_cli.pretext.handcrafted.jigsaw import cut_tiles, default_tile_size, minimum_image_size, shuffle_tiles
 from ssl_cli.pretext.heads import global_pool
@@ -92,8 +92,7 @@ class PIRLTask(ContrastiveTask):
 
     def dataset(self, source: ImageSource, seed: int) -> PretextDataset:
         data = PretextDataset(source, self, seed)
-        first = torch.stack([to_uint8(source.load(i), self.image_size) for i in range(min(GREY_SAMPLE, len(source)))])
-        self.recipe = self.resolve_views(first)
+        self.recipe = self.resolve_views(first_images(source, self.image_size))
         self.size_of_dataset = len(data)
         return data
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ssl_cli.data.resized import first_images, is_grey
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.base import PretextTask, TaskInfo
 from ssl_cli.pretext.crops import square_crop
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 AB_RANGE = 110.0  # sRGB colours have a in [-86.2, 98.2] and b in [-107.9, 94.5]
 MAX_BINS = 64  # 4096 classes with cells of 3.4 ab units; finer grids only inflate the logits
-GREY_SAMPLE = 64  # images looked at to tell a grey set (every channel equal) before training
 
 # sRGB (D65) linear RGB -> XYZ, and the D65 reference white.
 _RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
@@ -74,14 +74,6 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     xyz = np.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4.0 / 29.0)) * _WHITE
     linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0.0, 1.0)
     return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
-
-
-def is_grey(image: Image.Image) -> bool:
-    """True when the image has no colour: one channel, or three equal ones."""
-    if image.mode in ("1", "L", "I", "F", "I;16"):
-        return True
-    rgb = np.asarray(image.convert("RGB"))
-    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
 def quantise_ab(ab: np.ndarray, bins: int = 16) -> np.ndarray:
@@ -142,13 +134,12 @@ class ColorizationTask(PretextTask):
                                     "random_crop": self.random_crop})
 
     def caveats(self, source: "ImageSource") -> list[str]:
-        """A warning when the first GREY_SAMPLE images are all grey: every target is then the ab class of
+        """A warning when the first images (data.resized.GREY_SAMPLE) are all grey: every target is then the ab class of
         grey, so the task is learned from the first batches and teaches the trunk next to nothing (on
         Fashion-MNIST its features were below the raw pixels on every probe, bench/fmnist/RESULTS.md)."""
-        count = min(GREY_SAMPLE, len(source))
-        if count == 0 or any(not is_grey(source.load(index)) for index in range(count)):
+        if len(source) == 0 or not is_grey(first := first_images(source, self.image_size)):
             return []
-        return [f"colorization: the images look grey (every channel equal in the first {count}), so every target "
+        return [f"colorization: the images look grey (every channel equal in the first {len(first)}), so every target "
                 f"is the same colour and the task has nothing to learn; use colour images or another --task "
                 f"(e.g. context or simclr)"]
 
