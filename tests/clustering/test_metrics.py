@@ -112,3 +112,25 @@ def test_large_sparse_labels_stay_cheap() -> None:
 def test_mismatched_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="same length"):
         nmi(np.zeros(3, dtype=int), np.zeros(4, dtype=int))
+
+
+def test_majority_accuracy_is_left_out_where_small_clusters_make_it_one() -> None:
+    # k = 2000 on 4,000 rows (the case): random clusters already score a purity near 1
+    rng = np.random.default_rng(5)
+    true = rng.integers(0, 10, 4000)
+    pred = np.arange(4000) % 2000
+    assert majority_accuracy(true, pred) > 0.5  # what would have been reported: 5x chance from random clusters
+    quality = cluster_quality(true, pred)
+    assert quality is not None and "acc_majority" not in quality
+    assert "2000 clusters on 4000 scored rows" in quality["acc_majority_omitted"]
+    assert quality["acc_hungarian"] == pytest.approx(hungarian_accuracy(true, pred))
+
+
+def test_majority_accuracy_is_kept_from_ten_rows_per_used_cluster() -> None:
+    true = np.arange(400) % 4
+    kept = cluster_quality(true, np.arange(400) % 40)  # 10 rows per cluster
+    assert kept is not None and "acc_majority_omitted" not in kept and kept["acc_majority"] == 1.0
+    # empty clusters do not count: 41 rows per id used, though the ids run up to 390
+    sparse = cluster_quality(true, (np.arange(400) % 10) * 39)
+    assert sparse is not None and "acc_majority" in sparse
+    assert "acc_majority" not in cluster_quality(true[:399], np.arange(399) % 40)
