@@ -1,1 +1,1 @@
-"""Clustering of extracted features: preprocessing (PCA-whiten, L2), k-means backends, and metrics."""
+"""Clustering of extracted features: PCA-whiten + L2, k-means backends, SCAN heads, metrics, summaries."""

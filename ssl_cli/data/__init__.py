@@ -1,1 +1,1 @@
-"""Data sources: image folders, HDF5 stores, Fashion-MNIST and procedural toy images."""
+"""Images in, tensors out: sources (folder, HDF5, Fashion-MNIST, toy), datasets, transforms, views, colour."""

@@ -125,7 +125,7 @@ class BatchAugment:
 
 def lightness(rgb: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) sRGB in [0, 1] -> (B, 3, H, W) CIE L / 50 - 1 repeated in 3 channels (D65 white, Y = 1),
-    the input `pretext.colorization.lightness_input` gives a colorization trunk."""
+    the input `data.colour.lightness_input` gives a colorization trunk."""
     linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
     y = (linear * torch.tensor([0.2126729, 0.7151522, 0.0721750], device=rgb.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     delta = 6.0 / 29.0

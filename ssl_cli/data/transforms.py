@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torchvision import transforms as T
+
+from ssl_cli.data.colour import lightness_input, rgb_to_lab
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,10 +25,6 @@ class LightnessInput:
     """PIL RGB image -> (3, H, W) lightness input, as a colorization trunk was trained on."""
 
     def __call__(self, image) -> torch.Tensor:
-        import numpy as np
-
-        from ssl_cli.pretext.handcrafted.colorization import lightness_input, rgb_to_lab
-
         return lightness_input(rgb_to_lab(np.asarray(image)))
 
 

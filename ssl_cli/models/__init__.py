@@ -1,1 +1,1 @@
-"""Architectures by name, with named layers for extraction and linear probes."""
+"""Architectures by name, their named layers, and networks loaded with their input settings."""

@@ -1,1 +1,1 @@
-"""Handcrafted pretext tasks, one module each, registered by name in `registry`."""
+"""The self-supervised methods by family (handcrafted, contrastive, clustering, reconstructive) and their parts."""

@@ -39,6 +39,7 @@ from torch import nn
 
 from ssl_cli.errors import UserError
 from ssl_cli.models.projected import trunk_map
+from ssl_cli.pretext.dataset import PretextDataset
 
 if TYPE_CHECKING:
     from ssl_cli.data.sources import ImageSource
@@ -96,8 +97,6 @@ class PretextTask:
     # --- hooks for methods beyond one sample -> one target (defaults: the handcrafted tasks) ---
 
     def dataset(self, source: "ImageSource", seed: int) -> "TrainDataset":
-        from ssl_cli.pretext.dataset import PretextDataset
-
         return PretextDataset(source, self, seed)
 
     def batch_transform(self) -> "BatchTransform | None":

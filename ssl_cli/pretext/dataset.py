@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ssl_cli.data.dataset import load_readable
 from ssl_cli.data.sources import ImageSource
-from ssl_cli.pretext.base import PretextTask
+
+
+class SampleBuilder(Protocol):
+    """What the dataset needs of a task (`pretext.base.PretextTask` provides it): the sample of one image."""
+
+    needs_other_image: bool
+
+    def build_sample(self, image: Image.Image, rng: np.random.Generator,
+                     other: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class PretextDataset(Dataset):
     """Items are (inputs, target, index, ok): `ok` is False when image `index` was unreadable and a
     following image stood in for it (so a broken file is counted, never fatal)."""
 
-    def __init__(self, source: ImageSource, task: PretextTask, seed: int):
+    def __init__(self, source: ImageSource, task: SampleBuilder, seed: int):
         self.source, self.task, self.seed = source, task, seed
         self.epoch = 0
 

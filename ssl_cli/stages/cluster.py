@@ -16,11 +16,12 @@ from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans, use_faiss
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.preprocess import auto_pca_dim
 from ssl_cli.clustering.stream import chunk_rows_for, fit_pca_streamed, pca_arrays, reduce_streamed
+from ssl_cli.clustering.summary import describe_pca, summary_of
 from ssl_cli.config import ClusterConfig
 from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
-from ssl_cli.stages import StageResult
+from ssl_cli.stages import StageResult, scan
 from ssl_cli.train import distributed
 
 FEATURE_DATASETS = ("features", "sample_ids")
@@ -47,8 +48,6 @@ def pca_dim_for(cfg: ClusterConfig, features: H5Artifact) -> int:
 
 def provenance(cfg: ClusterConfig) -> Provenance:
     if cfg.method == "scan":
-        from ssl_cli.stages import scan
-
         return scan.provenance(cfg)
     with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
         return provenance_for(cfg, features)
@@ -58,8 +57,6 @@ def provenance(cfg: ClusterConfig) -> Provenance:
 def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     if cfg.method == "scan":
-        from ssl_cli.stages import scan
-
         return scan.run(cfg, reporter)
     with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
         provenance = provenance_for(cfg, features)
@@ -115,32 +112,3 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
     distributed.barrier(group)
     distributed.teardown(group)
     return StageResult("cluster", out, "written", summary)
-
-
-def summary_of(path) -> dict:
-    with H5Artifact(path, "clusters", required=("assignments",)) as clusters:
-        attrs = clusters.attrs
-        if attrs.get("method") == "scan":
-            return {"k": attrs["k"], "rows": clusters.rows("assignments"), "method": "scan",
-                    "empty_clusters": attrs["n_empty"], "metrics": attrs.get("metrics") or None}
-        pca_dim, whitened = pca_used(clusters)
-        return {"k": attrs["k"], "rows": clusters.rows("assignments"),
-                "pca": describe_pca(pca_dim, whitened, (attrs.get("config") or {}).get("pca_dim")),
-                "empty_clusters": attrs["n_empty"], "metrics": attrs.get("metrics") or None}
-
-
-def pca_used(clusters: H5Artifact) -> tuple[int, bool]:
-    """(PCA dimension, whitened) of a clusters file; files written before the `pca_dim_used`
-    attribute existed always whitened, and their dimension is that of the stored projection."""
-    attrs = clusters.attrs
-    if "pca_dim_used" in attrs:
-        return int(attrs["pca_dim_used"]), bool(attrs["pca_whitened"])
-    dim = int(clusters["pca_components"].shape[0]) if "pca_components" in clusters else 0
-    return dim, dim > 0
-
-
-def describe_pca(dim: int, whitened: bool, requested: int | str | None) -> str:
-    """'10, whitened (auto)', '32, whitened' or 'none' for the result summary."""
-    if not dim:
-        return "none"
-    return f"{dim}{', whitened' if whitened else ''}{' (auto)' if requested == 'auto' else ''}"

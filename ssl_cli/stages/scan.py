@@ -31,6 +31,7 @@ from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.scan import (ClusterHeads, ImageHeads, NeighbourPairs, feature_statistics, head_losses,
                                      mine_neighbours, neighbour_agreement, scan_step)
+from ssl_cli.clustering.summary import summary_of
 from ssl_cli.config import ClusterConfig, ExtractConfig
 from ssl_cli.data.batch_augment import BatchAugment, normalise_mode
 from ssl_cli.data.resized import ResizedImages
@@ -109,8 +110,6 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     plan = plan_output(cfg.out, record.fingerprint, cfg.force)
     if plan.up_to_date:
         reporter.info(f"{cfg.out} is up to date; skipped")
-        from ssl_cli.stages.cluster import summary_of
-
         return StageResult("cluster", cfg.out, plan.state.value, summary_of(cfg.out))
     source = open_source(cfg.data)
     if cfg.k > len(source):

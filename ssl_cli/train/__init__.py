@@ -1,1 +1,1 @@
-"""The one training loop every training stage uses (pretext, retrain, finetune, self-train)."""
+"""The one training loop of every training stage, with its recipe, LARS, schedules, sampler, monitor, DDP."""

@@ -1,1 +1,1 @@
-"""Handcrafted pretext tasks: a target made from the image itself (rotation, jigsaw, context, colorization, inpainting)."""
+"""Handcrafted pretext tasks, a target made from the image: rotation, jigsaw(++), context, colorization, inpainting."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ssl_cli.data.colour import lightness_input, rgb_to_lab
 from ssl_cli.data.resized import first_images, is_grey
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.base import PretextTask, TaskInfo
@@ -42,39 +43,6 @@ if TYPE_CHECKING:
 
 AB_RANGE = 110.0  # sRGB colours have a in [-86.2, 98.2] and b in [-107.9, 94.5]
 MAX_BINS = 64  # 4096 classes with cells of 3.4 ab units; finer grids only inflate the logits
-
-# sRGB (D65) linear RGB -> XYZ, and the D65 reference white.
-_RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
-                        [0.2126729, 0.7151522, 0.0721750],
-                        [0.0193339, 0.1191920, 0.9503041]])
-_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ)
-_WHITE = _RGB_TO_XYZ.sum(axis=1)  # XYZ of RGB (1, 1, 1): (0.9505, 1.0, 1.0889)
-_DELTA = 6.0 / 29.0
-
-
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB (H, W, 3), uint8 in [0, 255] or float in [0, 1] -> CIE Lab (H, W, 3) float64.
-
-    L is in [0, 100]; a and b lie within about [-110, 110] for sRGB colours.
-    """
-    rgb = np.asarray(rgb)
-    values = rgb / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
-    linear = np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ _RGB_TO_XYZ.T / _WHITE
-    f = np.where(xyz > _DELTA ** 3, np.cbrt(xyz), xyz / (3 * _DELTA ** 2) + 4.0 / 29.0)
-    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
-                     200.0 * (f[..., 1] - f[..., 2])], axis=-1)
-
-
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """CIE Lab (H, W, 3) -> sRGB (H, W, 3) float64 in [0, 1] (colours outside the gamut are clipped)."""
-    lab = np.asarray(lab, dtype=np.float64)
-    fy = (lab[..., 0] + 16.0) / 116.0
-    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
-    xyz = np.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4.0 / 29.0)) * _WHITE
-    linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0.0, 1.0)
-    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
-
 
 def quantise_ab(ab: np.ndarray, bins: int = 16) -> np.ndarray:
     """(..., 2) ab values -> (...) int64 classes a_bin * bins + b_bin on a bins x bins grid over [-110, 110]."""
@@ -89,15 +57,6 @@ def class_centres(bins: int = 16) -> np.ndarray:
     centres = -AB_RANGE + (np.arange(bins) + 0.5) * width
     a, b = np.meshgrid(centres, centres, indexing="ij")
     return np.stack([a.ravel(), b.ravel()], axis=-1)
-
-
-def lightness_input(lab: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) Lab -> (3, H, W) float32: L / 50 - 1 in [-1, 1], repeated to the trunk's 3 channels.
-
-    `ssl extract` feeds a colorization trunk the same input (see `data.transforms.LightnessInput`).
-    """
-    lightness = torch.from_numpy((lab[..., 0] / 50.0 - 1.0).astype(np.float32))
-    return lightness.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
 class ColorizationTask(PretextTask):

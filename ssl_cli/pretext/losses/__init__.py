@@ -1,1 +1,1 @@
-"""Losses of the contrastive methods, one per module, each a pure function of tensors."""
+"""The methods' losses, one per module (contrastive, clustering, SCAN, reconstruction), pure functions."""
