@@ -10,9 +10,22 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ssl_cli.data.spec import SOURCE_FORMS, check_source
 from ssl_cli.errors import UserError
+from ssl_cli.models.catalog import CATALOG, unknown_arch
+from ssl_cli.pretext.registry import TASKS, unknown_task
+
+# Fields naming an image source, and fields naming an input file. The command line checks that they
+# exist before anything heavy loads (`resolve(..., check_inputs=True)`); `ssl run` does not, because
+# an earlier stage may write them.
+SOURCE_FIELDS = ("data", "eval_data", "monitor_data", "assign_data", "labelled", "unlabelled")
+FILE_FIELDS = ("model", "weights", "features", "clusters", "labels", "teacher")
+
+
+def _checking_inputs(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("check_inputs"))
 
 
 class StageConfig(BaseModel):
@@ -22,8 +35,9 @@ class StageConfig(BaseModel):
     DISPLAY_ONLY: ClassVar[frozenset[str]] = frozenset({"out", "force", "progress", "device", "workers"})
 
     out: Path = Field(description="output file")
-    force: bool = Field(False, description="replace an existing output made with other settings")
-    progress: bool = Field(True, description="show a progress bar")
+    force: bool = Field(False, description="replace an output made with other settings (the old file stays until "
+                        "the new one is complete)")
+    progress: bool = Field(True, description="show progress bars")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes")
 
@@ -35,6 +49,39 @@ class StageConfig(BaseModel):
     def result_config(self) -> dict[str, Any]:
         """The fields that change the result: what the fingerprint covers."""
         return self.model_dump(mode="json", exclude=set(self.DISPLAY_ONLY | self.INPUT_PATHS))
+
+    def recorded_config(self) -> dict[str, Any]:
+        """What an artifact records as its config: the settings this run used. `--force` is an action, not a
+        setting, and fields a method ignores are left out (see `unused_fields`)."""
+        return self.model_dump(mode="json", exclude={"force", *self.unused_fields()})
+
+    def unused_fields(self) -> tuple[str, ...]:
+        return ()
+
+    @field_validator(*SOURCE_FIELDS, check_fields=False)
+    @classmethod
+    def _source_exists(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and _checking_inputs(info):
+            check_source(str(value), "--" + info.field_name.replace("_", "-"))
+        return value
+
+    @field_validator("arch", "student_arch", check_fields=False)
+    @classmethod
+    def _known_arch(cls, value: Any) -> Any:
+        if value is not None and value not in CATALOG:
+            raise ValueError(unknown_arch(value))
+        return value
+
+    @field_validator(*FILE_FIELDS, check_fields=False)
+    @classmethod
+    def _file_exists(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and _checking_inputs(info):
+            path = Path(value)
+            if not path.exists():
+                raise ValueError(f"{path} does not exist")
+            if path.is_dir():
+                raise ValueError(f"{path} is a folder; pass a file")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -57,9 +104,19 @@ class ExtractConfig(StageConfig):
     pool_size: int = Field(1, ge=1, le=16, description="conv maps are pooled to pool_size x pool_size")
     image_size: int | None = Field(None, ge=8, le=1024, description="input size for --arch (default: the arch's)")
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of a *_lowres alexnet/vgg --arch (default: the arch's)")
-    batch_size: int = Field(64, ge=1, le=65536)
+    batch_size: int = Field(64, ge=1, le=65536, description="images per batch")
     dtype: Literal["float32", "float16"] = Field("float32", description="storage type of the features")
     seed: int = Field(0, description="seed of a randomly initialised --arch")
+
+    @model_validator(mode="after")
+    def _one_network(self) -> "ExtractConfig":
+        if (self.model is None) == (self.arch is None):
+            raise ValueError("give exactly one of --model CKPT (a trained network) or --arch NAME")
+        if self.model is not None and (self.weights is not None or self.image_size is not None
+                                       or self.width is not None):
+            raise ValueError("--model already records its weights, input size and width; "
+                             "drop --weights/--image-size/--width")
+        return self
 
     def result_config(self) -> dict[str, Any]:
         # An unset width is left out, so features extracted before --width existed keep their
@@ -86,10 +143,11 @@ class ClusterConfig(StageConfig):
         "feature dimension and at a tenth of the PCA rows (bench/pca_default.py); a number fixes it; 0 = no PCA")
     pca_sample: int = Field(100_000, ge=1, description="rows sampled to fit the PCA")
     niter: int = Field(20, ge=1, le=10_000, description="k-means iterations")
-    seed: int = Field(0)
+    seed: int = Field(0, description="seed of the k-means initialisation and the PCA sample")
     max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many rows")
-    backend: Literal["faiss", "torch"] = Field("faiss")
-    gpu: Literal["auto", "on", "off"] = Field("auto", description="faiss on every visible GPU")
+    backend: Literal["faiss", "torch"] = Field("faiss", description="faiss, or torch (CPU/CUDA, all-reduce under "
+                                               "torchrun)")
+    gpu: Literal["auto", "on", "off"] = Field("auto", description="faiss on GPUs: auto (all visible), on, off")
     chunk_rows: int | None = Field(None, ge=1, description="rows read from disk at a time (default: 64 MiB of features)")
     # --method scan
     model: Path | None = Field(None, description="scan: the pretext checkpoint whose features find the neighbours")
@@ -128,13 +186,16 @@ class ClusterConfig(StageConfig):
             raise ValueError("--method scan extracts its own features from --model; drop --features")
         return self
 
-    def result_config(self) -> dict[str, Any]:
-        # k-means outputs keep the fingerprint they had before --method existed
-        config = super().result_config()
+    def unused_fields(self) -> tuple[str, ...]:
         unused = ("method", *SCAN_FIELDS) if self.method == "kmeans" else KMEANS_FIELDS
         if self.method == "scan" and not self.self_label:
             unused += ("self_label_epochs", "threshold", "self_label_lr")
-        for name in unused:
+        return unused
+
+    def result_config(self) -> dict[str, Any]:
+        # k-means outputs keep the fingerprint they had before --method existed
+        config = super().result_config()
+        for name in self.unused_fields():
             config.pop(name, None)
         return config
 
@@ -152,19 +213,19 @@ class ClusterConfig(StageConfig):
 
 
 class PseudolabelConfig(StageConfig):
-    clusters: Path
-    features: Path
+    clusters: Path = Field(description="clusters.h5 from `ssl cluster`")
+    features: Path = Field(description="features.h5 to label (may be another dataset than the one clustered)")
     chunk_rows: int | None = Field(None, ge=1, description="rows labelled at a time (default: 64 MiB of features)")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"chunk_rows"}
 
 
 class ToyDataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    out: Path
-    n: int = Field(400, ge=2)
-    classes: int = Field(4, ge=2, le=84)
-    size: int = Field(32, ge=16, le=512)
-    seed: int = Field(0, ge=0)
+    out: Path = Field(description="folder to write <class>/<index>.png into")
+    n: int = Field(400, ge=2, description="number of images")
+    classes: int = Field(4, ge=2, le=84, description="number of classes, 2-84")
+    size: int = Field(32, ge=16, le=512, description="image side in pixels")
+    seed: int = Field(0, ge=0, description="random seed")
 
     @model_validator(mode="after")
     def _enough_images(self) -> "ToyDataConfig":
@@ -174,7 +235,7 @@ class ToyDataConfig(BaseModel):
 
 
 class PackConfig(StageConfig):
-    data: str
+    data: str = Field(description=f"images: {SOURCE_FORMS}")
     image_size: int | None = Field(None, ge=8, le=1024, description="resize to this square size (default: keep)")
     limit: int | None = Field(None, ge=1, description="pack only the first N images (a subset for quick experiments)")
 
@@ -185,7 +246,7 @@ def format_validation_error(error: ValidationError, source: str = "", as_flags: 
     for item in error.errors():
         field = ".".join(str(piece) for piece in item["loc"]) or "config"
         flag = "--" + field.replace("_", "-") if as_flags else field
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field"
         elif item["type"] == "missing":
@@ -207,12 +268,15 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-def resolve(model: type[BaseModel], config_file: Path | None, flags: dict[str, Any]) -> Any:
-    """Defaults from `config_file`, overridden by the flags the user passed (None = not passed)."""
+def resolve(model: type[BaseModel], config_file: Path | None, flags: dict[str, Any], check_inputs: bool = False) -> Any:
+    """Defaults from `config_file`, overridden by the flags the user passed (None = not passed).
+
+    `check_inputs`: also check that input files and image sources exist and that names (tasks,
+    archs) are known, without loading torch, so every bad setting is reported in one line."""
     values = load_yaml(config_file) if config_file else {}
     values.update({key: value for key, value in flags.items() if value is not None})
     try:
-        return model.model_validate(values)
+        return model.model_validate(values, context={"check_inputs": check_inputs})
     except ValidationError as error:
         raise UserError(format_validation_error(error, str(config_file) if config_file else "")) from None
 
@@ -224,16 +288,19 @@ class TrainConfig(StageConfig):
 
     epochs: int | None = Field(None, ge=1, le=100_000,
                                description="default: enough to see ~60k images, 10 to 100 epochs (60 for 1,000 images, 10 for 60,000)")
-    batch_size: int = Field(64, ge=1, le=65536)
-    lr: float = Field(0.002, gt=0, le=10, description="peak learning rate (after warm-up)")
+    batch_size: int = Field(64, ge=1, le=65536, description="images per batch")
+    lr: float = Field(0.002, gt=0, le=10, description="peak learning rate (after warm-up; one-cycle's peak)")
     optimizer: Literal["sgd", "adamw", "lars"] = Field(
         "adamw", description="adamw, sgd, or lars (SimCLR's large-batch SGD: per-layer trust ratio; biases and norm "
         "parameters get neither it nor weight decay)")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.05, ge=0, le=1)
-    warmup_epochs: float = Field(0.0, ge=0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    seed: int = 0
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.05, ge=0, le=1, description="weight decay")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up before a cosine or constant schedule "
+                                 "(one-cycle has its own)")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field(
+        "onecycle", description="onecycle (rise over 30% of the steps, cosine fall), cosine (after --warmup-epochs) "
+        "or constant")
+    seed: int = Field(0, description="random seed")
     deterministic: bool = Field(False, description="deterministic algorithms: identical weights after a resume")
 
 
@@ -255,17 +322,24 @@ class PretextConfig(TrainConfig):
                       "colorization, inpainting), contrastive (simclr, simclr2, moco, moco2, pirl), clustering "
                       "(deepcluster, sela, swav), reconstructive (autoencoder)")
     arch: str = Field(description="backbone architecture")
-    data: str
+    data: str = Field(description=f"unlabelled images: {SOURCE_FORMS}")
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg")
     image_size: int | None = Field(None, ge=16, le=1024, description="side of the square crop a sample is cut from")
     task_options: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in TASKS:
+            raise ValueError(unknown_task(value))
+        return value
     monitor_data: str | None = Field(None, description="labelled images for the online kNN monitor (top-1 of trunk features)")
     monitor_every: int = Field(1, ge=1, description="epochs between two kNN monitor measurements")
 
 
 class RetrainConfig(ClassifierTrainConfig):
     labels: Path = Field(description="labels.h5 from `ssl pseudolabel` (joined to --data by sample id)")
-    data: str
+    data: str = Field(description=f"the images the labels name: {SOURCE_FORMS}")
     arch: str = Field(description="the target (usually shallower) architecture, trained from scratch")
     width: float | None = Field(None, gt=0, le=4, description="channel multiplier of *_lowres alexnet/vgg")
     image_size: int | None = Field(None, ge=16, le=1024, description="training size (default: the images' own size when the source knows it and the arch takes it; else the arch's input size)")
@@ -296,7 +370,8 @@ class FinetuneConfig(ClassifierTrainConfig):
     model: Path = Field(description="checkpoint to evaluate (pretext, retrain or any ssl-cli model)")
     data: str = Field(description="labelled training images (targets from class subfolders or the dataset)")
     eval_data: str | None = Field(None, description="labelled evaluation images (default: the source's test split)")
-    mode: Literal["full", "linear", "knn"] = "linear"
+    mode: Literal["full", "linear", "knn"] = Field("linear", description="full finetuning, linear probes per "
+                                                   "layer, or cosine kNN")
     layers: list[str] | None = Field(None, description="linear: layers probed at once (default: the arch's conv layers); knn: the first is used")
     freeze_through: str | None = Field(None, description="full: keep this layer and every earlier one fixed")
     labels_per_class: int | None = Field(None, ge=1, description="train on a deterministic subset of N images per class")
@@ -321,6 +396,8 @@ class SelfTrainConfig(TrainConfig):
                                                         "unlabelled_ratio"})
 
     out: Path = Field(description="output folder: round-0 .. round-R, summary.json")
+    batch_size: int = Field(64, ge=1, le=65536, description="labelled images per batch; each brings "
+                            "--unlabelled-ratio pseudo-labelled ones")
     labelled: str = Field(description="labelled images (class subfolders or a labelled dataset)")
     unlabelled: str = Field(description="images the teacher labels (their own labels, if any, are never used)")
     eval_data: str | None = Field(None, description="labelled evaluation images (default: the labelled source's test split)")

@@ -1,46 +1,156 @@
-"""Options every command shares, declared once. Every option defaults to None ("not passed") so
-`config.resolve` can tell a flag from a default; help text comes from the config models."""
+"""Command-line options, declared once from the config models.
+
+A stage command lists the config fields it exposes as `Flag`s; the flag's name, type, help text,
+choices, default and "[required]" all come from the pydantic field, so `--help` says what
+validation will accept. Groups every training command shares (`TRAINING`, `AUGMENTATION`,
+`RUNTIME`) are declared here once. Every option defaults to None ("not passed") so
+`config.resolve` can tell a flag from a default and `--config FILE.yaml` can supply it.
+"""
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 
-def describe(model: type[BaseModel], name: str) -> str:
-    """Help text of a config field: its description plus its default."""
+@dataclass(frozen=True)
+class Flag:
+    """A config field exposed as `--field-name`. Overrides only where the CLI spelling differs."""
+
+    field: str
+    help: str | None = None  # default: the field's description
+    flag: str | None = None  # default: --field-name (bools with a True default: --x/--no-x)
+    kind: type | None = None  # the type typer parses (default: from the field's annotation)
+    metavar: str | None = None
+    split: bool = False  # a comma-separated list on the command line
+    task_option: bool = False  # goes into `task_options` (pretext), not a field of its own
+
+
+def group(*fields: str) -> tuple[Flag, ...]:
+    return tuple(Flag(name) for name in fields)
+
+
+# The options of the one training loop: pretext, train, retrain, finetune, self-train.
+TRAINING = group("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "warmup_epochs", "schedule",
+                 "seed", "deterministic")
+# Batched augmentation and loss of the stages that learn classes (train, retrain, finetune, self-train).
+AUGMENTATION = group("min_scale", "shift", "flip")
+# How a stage runs, never what it computes (outside every fingerprint).
+RUNTIME = group("device", "workers", "force", "progress")
+
+
+def _bare(annotation: Any) -> Any:
+    """`X | None` -> X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return members[0]
+        return members
+    return annotation
+
+
+def choices(model: type[BaseModel], name: str) -> tuple[str, ...]:
+    """The values a Literal field accepts ('auto' of `int | Literal['auto']` included)."""
+    annotation = _bare(model.model_fields[name].annotation)
+    members = annotation if isinstance(annotation, list) else [annotation]
+    found: list[str] = []
+    for member in members:
+        if typing.get_origin(member) is Literal:
+            found += [str(value) for value in typing.get_args(member)]
+    return tuple(found)
+
+
+def cli_type(model: type[BaseModel], name: str) -> type:
+    """The type typer parses for a field: text for choices and unions, the field's own type otherwise."""
+    annotation = _bare(model.model_fields[name].annotation)
+    if annotation in (int, float, bool, Path, str):
+        return annotation
+    return str  # Literal, `int | Literal[...]`, lists: pydantic converts and validates the text
+
+
+def describe(model: type[BaseModel], name: str, help: str | None = None) -> str:
+    """Help text of a config field: its description, its choices, its default or "[required]"."""
     field = model.model_fields[name]
-    default = "" if field.default is PydanticUndefined or field.default is None else f" [default: {field.default}]"
-    return f"{field.description or ''}{default}".strip()
+    text = help if help is not None else (field.description or "")
+    options = choices(model, name)
+    if options and not all(value in text for value in options):
+        text = f"{text}; one of: {', '.join(options)}" if text else f"one of: {', '.join(options)}"
+    if field.is_required():
+        suffix = " [required]"
+    elif field.default is PydanticUndefined or field.default is None or "[default" in text:
+        suffix = ""
+    elif isinstance(field.default, bool):
+        suffix = f" [default: {'on' if field.default else 'off'}]"
+    else:
+        suffix = f" [default: {field.default}]"
+    return f"{text}{suffix}".strip()
+
+
+def option(model: type[BaseModel], spec: Flag) -> tuple[str, Any]:
+    """(parameter name, typer annotation) of one flag."""
+    name = spec.field
+    flag = spec.flag or "--" + name.replace("_", "-")
+    if spec.task_option:  # not a field of the model: the task checks it
+        kind, help = spec.kind or str, spec.help or ""
+    else:
+        kind = spec.kind or (str if spec.split else cli_type(model, name))
+        help = describe(model, name, spec.help)
+        if kind is bool and spec.flag is None and model.model_fields[name].default is True:
+            flag = f"{flag}/--no-{flag[2:]}"
+    metavar = spec.metavar
+    if metavar is None and not spec.task_option and kind is str and choices(model, name):
+        metavar = "|".join(choices(model, name))
+    info = typer.Option(flag, help=help, show_default=False, metavar=metavar)
+    return name, Annotated[Optional[kind], info]
 
 
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of option defaults; flags override it")]
-Force = Annotated[Optional[bool], typer.Option("--force", help="replace an output made with other settings (the old file stays until the new one is complete)", show_default=False)]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N [default: auto]", show_default=False)]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes [default: 2]", show_default=False)]
-Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="show progress bars [default: on]", show_default=False)]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="random seed [default: 0]", show_default=False)]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="images per batch [default: 64]", show_default=False)]
-Out = Annotated[Optional[Path], typer.Option("--out", help="output file", show_default=False)]
-Data = Annotated[Optional[str], typer.Option("--data", help="images: a folder (class subfolders give targets), an images .h5, or fashion-mnist:DIR[:train|test]", show_default=False)]
 
 
-# Options of the shared training loop (pretext, retrain, finetune).
-Epochs = Annotated[Optional[int], typer.Option("--epochs", help="[default: enough to see ~60k images, 10 to 100 epochs: 60 for 1,000 images, 10 for 60,000]", show_default=False)]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate (after warm-up; one-cycle's peak) [default: 0.002]", show_default=False)]
-Optimizer = Annotated[Optional[str], typer.Option("--optimizer", help="adamw, sgd, or lars (large batches: biases and norm parameters excluded from adaptation and weight decay) [default: adamw]", show_default=False)]
-Momentum = Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum [default: 0.9]", show_default=False)]
-WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="[default: 0.05]", show_default=False)]
-WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="linear warm-up before a cosine or constant schedule (one-cycle has its own) [default: 0]", show_default=False)]
-Schedule = Annotated[Optional[str], typer.Option("--schedule", help="onecycle (rise over 30% of the steps, cosine fall), cosine (after --warmup-epochs) or constant [default: onecycle]", show_default=False)]
-# Batched augmentation and loss of the stages that learn classes (train, retrain, finetune).
-MinScale = Annotated[Optional[float], typer.Option("--min-scale", help="smallest area fraction of the random resized crop; 1 = no crop [default: 1]", show_default=False)]
-Shift = Annotated[Optional[float], typer.Option("--shift", help="largest random shift in pixels [default: image side / 14: 2 px at 28-32 px]", show_default=False)]
-Flip = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips [default: on]", show_default=False)]
-LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="cross-entropy label smoothing [default: 0.1]", show_default=False)]
-Deterministic = Annotated[Optional[bool], typer.Option("--deterministic", help="deterministic algorithms: a resumed run ends with identical weights", show_default=False)]
-Width = Annotated[Optional[float], typer.Option("--width", help="channel multiplier of *_lowres alexnet/vgg (e.g. 0.25 for CPU demos)", show_default=False)]
+def signature(model: type[BaseModel], flags: tuple[Flag, ...], extra: dict[str, Any] | None = None) -> inspect.Signature:
+    """A function signature typer reads: one keyword parameter per flag, then `extra`, then --config."""
+    parameters = []
+    seen: set[str] = set()
+    for spec in flags:
+        name, annotation = option(model, spec)
+        if name in seen:
+            raise ValueError(f"flag for {name!r} declared twice")
+        seen.add(name)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    for name, annotation in (extra or {}).items():
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    parameters.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigFile))
+    return inspect.Signature(parameters)
+
+
+def with_signature(function: Callable, sig: inspect.Signature) -> Callable:
+    """Give `function(**values)` the parameters typer should read."""
+    function.__signature__ = sig  # type: ignore[attr-defined]
+    function.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+    return function
+
+
+def flag_values(flags: tuple[Flag, ...], values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split what typer parsed into (config fields, task options); comma lists split."""
+    fields: dict[str, Any] = {}
+    task_options: dict[str, Any] = {}
+    for spec in flags:
+        value = values.get(spec.field)
+        if value is not None and spec.split:
+            value = [item.strip() for item in str(value).split(",") if item.strip()]
+        if value is not None and isinstance(value, Path) and spec.task_option:
+            value = str(value)
+        (task_options if spec.task_option else fields)[spec.field] = value
+    return fields, task_options
+
+
+# Options of commands that have no config model.
+Force = Annotated[Optional[bool], typer.Option("--force", help="replace an existing output (the old file stays until the new one is complete)", show_default=False)]

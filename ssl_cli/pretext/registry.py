@@ -1,11 +1,19 @@
-"""Pretext tasks by name, grouped by the survey's families; an unknown name lists them all by family."""
+"""Pretext tasks by name, grouped by the survey's families; an unknown name lists them all by family.
+
+This module imports nothing heavy: help texts and the command line's early checks read it before
+torch loads, and a task's module is imported only when the task runs."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
+from typing import TYPE_CHECKING, Any
 
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import PretextTask
+
+if TYPE_CHECKING:
+    from ssl_cli.pretext.base import PretextTask
 
 # family -> name -> "module:Class", imported on use so a task's dependencies load only when it runs.
 FAMILIES = {
@@ -45,8 +53,23 @@ def tasks_by_family() -> str:
     return "; ".join(f"{family}: {', '.join(names)}" for family, names in FAMILIES.items())
 
 
+def unknown_task(name: str) -> str:
+    """The message for a name that is not a task, with the closest spelling."""
+    close = difflib.get_close_matches(name, TASKS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown pretext task {name!r}{hint}; valid tasks by family: {tasks_by_family()}"
+
+
 def task_class(name: str) -> type[PretextTask]:
     if name not in TASKS:
-        raise UserError(f"unknown pretext task {name!r}; valid tasks by family: {tasks_by_family()}")
+        raise UserError(unknown_task(name))
     module, _, cls = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def task_options(name: str) -> dict[str, Any]:
+    """The options a task takes (`--task-option KEY=VALUE`) with their defaults: its constructor's keywords."""
+    parameters = inspect.signature(task_class(name).__init__).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {key: (None if p.default is inspect.Parameter.empty else p.default)
+            for key, p in parameters.items() if key not in ("self", "image_size") and p.kind in kinds}

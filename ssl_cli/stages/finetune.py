@@ -153,7 +153,7 @@ class LinearProbe(nn.Module):
 def full_model(network: Network, classes: int, freeze_through: str | None) -> nn.Module:
     """The checkpoint's arch with `classes` outputs: trunk weights loaded, classifier re-initialised.
     A SimCLRv2 network keeps its projection block (the paper finetunes from proj1)."""
-    model = build_model(network.spec.name, **{**network.arch_kwargs, "num_classes": classes})
+    model = build_model(network.spec.name, **network.resolved_kwargs(num_classes=classes))
     if network.projection is not None:
         model = ProjectedNetwork(model, network.projection["d_in"], network.projection["width"], classes)
     own = model.state_dict()
@@ -178,7 +178,8 @@ def full_model(network: Network, classes: int, freeze_through: str | None) -> nn
 
 def provenance_for(cfg: FinetuneConfig, network: Network, source: ImageSource, evaluation: ImageSource):
     return make_provenance("checkpoint", "finetune", cfg.model_dump(mode="json"),
-                           cfg.result_config() | {"eval": evaluation.fingerprint},
+                           cfg.result_config() | {"eval": evaluation.fingerprint,
+                                                  "arch_kwargs_resolved": network.resolved_kwargs()},
                            [*network.inputs, source_input(source), source_input(evaluation)])
 
 
@@ -260,7 +261,7 @@ def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, clas
         return loss, accuracy
 
     def final_payload(module: nn.Module) -> dict[str, Any]:
-        described = {**network.describe(), "arch_kwargs": {**network.arch_kwargs, "num_classes": classes}}
+        described = network.describe(num_classes=classes)
         state = module.state_dict() if cfg.mode == "full" else module.heads.state_dict()
         return {"meta": {**described, "task": f"finetune-{cfg.mode}", "classes": classes}, "model": state}
 

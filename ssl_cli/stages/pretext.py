@@ -21,7 +21,8 @@ from ssl_cli.data.batch_augment import normalise_mode
 from ssl_cli.data.sources import ImageSource, open_source, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.errors import UserError
-from ssl_cli.models.registry import build_model, get_arch
+from ssl_cli.models.network import trained_state, untrained_record
+from ssl_cli.models.registry import build_model, get_arch, resolved_kwargs
 from ssl_cli.pretext.base import PretextNetwork, PretextTask
 from ssl_cli.pretext.registry import task_class
 from ssl_cli.report import Reporter, SilentReporter
@@ -61,7 +62,9 @@ def provenance(cfg: PretextConfig):
 
 def _provenance(cfg: PretextConfig, source, task: PretextTask):
     return make_provenance("checkpoint", "pretext", cfg.model_dump(mode="json"),
-                           cfg.result_config() | {"task_info": task.info().options}, [source_input(source)])
+                           cfg.result_config() | {"task_info": task.info().options,
+                                                  "arch_kwargs_resolved": resolved_kwargs(cfg.arch, arch_kwargs(cfg))},
+                           [source_input(source)])
 
 
 def normalisation(task: PretextTask) -> str:
@@ -107,17 +110,22 @@ def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
 
     def final_payload(model: PretextNetwork) -> dict[str, Any]:
         info = task.info()
+        # copies of the backbone inside the head (MoCo's key encoder) carry the same untrained classifier
+        copies = [name for name, module in model.head.named_modules() if type(module) is type(model.backbone)]
+        head_untrained = tuple(f"{copy}.{name}" for copy in copies for name in model.untrained)
         return {
             "meta": {
                 "arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg), "input_size": task.image_size,
+                "arch_kwargs_resolved": resolved_kwargs(cfg.arch, arch_kwargs(cfg)),
+                "untrained": untrained_record(model.untrained, cfg.seed) | {"head_modules": list(head_untrained)},
                 "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                 "per_image_normalise": task.per_image_normalise, "input_mode": task.input_mode,
                 "feature_layer": get_arch(cfg.arch).trunk_layer,
                 "task": info.name, "task_family": task.family, "task_options": info.options,
                 "trunk_shape": list(model.trunk_shape), **task.meta(),
             },
-            "model": model.backbone.state_dict(),
-            "head": model.head.state_dict(),
+            "model": trained_state(model.backbone, model.untrained),
+            "head": trained_state(model.head, head_untrained),
         }
 
     options = train_options(cfg, len(dataset))

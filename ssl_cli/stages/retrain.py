@@ -19,7 +19,7 @@ from ssl_cli.data.labelled import join_by_id
 from ssl_cli.data.resized import ResizedImages
 from ssl_cli.data.sources import open_source, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ssl_cli.models.registry import build_model, get_arch
+from ssl_cli.models.registry import build_model, get_arch, resolved_kwargs
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 from ssl_cli.train.loop import metrics_path, train
@@ -39,7 +39,10 @@ def arch_kwargs(cfg: RetrainConfig, classes: int) -> dict[str, Any]:
 
 
 def provenance_for(cfg: RetrainConfig, source, labels_record: dict[str, str]):
-    return make_provenance("checkpoint", "retrain", cfg.model_dump(mode="json"), cfg.result_config(),
+    # num_classes comes from the data (an input); the other options' defaults enter here
+    resolved = resolved_kwargs(cfg.arch, arch_kwargs(cfg, 0))
+    return make_provenance("checkpoint", "retrain", cfg.model_dump(mode="json"),
+                           cfg.result_config() | {"arch_kwargs_resolved": resolved},
                            [source_input(source), labels_record])
 
 
@@ -67,6 +70,7 @@ def run(cfg: RetrainConfig, reporter: Reporter | None = None) -> StageResult:
 
     def final_payload(network: nn.Module) -> dict[str, Any]:
         return {"meta": {"arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg, classes), "input_size": size,
+                         "arch_kwargs_resolved": resolved_kwargs(cfg.arch, arch_kwargs(cfg, classes)),
                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "task": "retrain",
                          "classes": classes, "feature_layer": spec.feature_layer},
                 "model": network.state_dict()}

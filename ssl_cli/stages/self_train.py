@@ -33,7 +33,7 @@ from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.network import network_from_checkpoint
-from ssl_cli.models.registry import build_model, get_arch
+from ssl_cli.models.registry import build_model, get_arch, resolved_kwargs
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.selftrain.labels import label_stats, read_pseudo_labels, teacher_logits, write_labels
 from ssl_cli.selftrain.mixed import MixedDataset
@@ -52,6 +52,10 @@ class Arch:
     name: str
     kwargs: dict[str, Any]
     size: int
+
+    def resolved(self) -> dict[str, Any]:
+        """Every builder option, defaults filled in: what the fingerprint and the checkpoint record."""
+        return resolved_kwargs(self.name, self.kwargs)
 
     def parameters(self) -> int:
         with torch.device("meta"):
@@ -73,6 +77,10 @@ class Prepared:
 
     def round_dir(self, r: int) -> Path:
         return self.cfg.out / f"round-{r}"
+
+    def resolved_archs(self) -> dict[str, Any]:
+        archs = {"first": self.first.resolved() if self.first else None, "student": self.student.resolved()}
+        return {"arch_kwargs_resolved": archs}
 
 
 def prepare(cfg: SelfTrainConfig) -> Prepared:
@@ -126,18 +134,18 @@ def make_arch(name: str, width: float | None, classes: int, image_size: int | No
     return Arch(name, {"num_classes": classes, **({"width": width} if width is not None else {})}, size)
 
 
-def round_config(cfg: SelfTrainConfig, r: int) -> dict[str, Any]:
-    """The settings a round's student depends on: round 0 ignores the student and policy fields."""
+def round_config(cfg: SelfTrainConfig, r: int, arch: Arch) -> dict[str, Any]:
+    """The settings a round's student (of `arch`) depends on: round 0 ignores the student and policy fields."""
     config = {key: value for key, value in cfg.result_config().items() if key != "rounds"}
     if r == 0:
         config = {key: value for key, value in config.items() if key not in cfg.POLICY | cfg.STUDENT_ONLY}
-    return config | {"round": r}
+    return config | {"round": r, "arch_kwargs_resolved": arch.resolved()}
 
 
 def provenance(cfg: SelfTrainConfig, prepared: Prepared | None = None) -> Provenance:
     """The whole run's provenance: summary.json records its fingerprint (what `ssl run` compares)."""
     prepared = prepared or prepare(cfg)
-    return make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), cfg.result_config(),
+    return make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), cfg.result_config() | prepared.resolved_archs(),
                            prepared.inputs)
 
 
@@ -181,7 +189,7 @@ def round_zero(prepared: Prepared, reporter: Reporter) -> dict[str, Any]:
     if cfg.teacher:
         return evaluated(prepared, 0, cfg.teacher, {"role": "given teacher", "teacher": str(cfg.teacher)}, reporter)
     checkpoint = folder / "student.pt"
-    provenance = make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), round_config(cfg, 0),
+    provenance = make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), round_config(cfg, 0, prepared.first),
                                  [source_input(prepared.labelled)])
     train_student(prepared, 0, prepared.first, None, checkpoint, provenance, reporter)
     return evaluated(prepared, 0, checkpoint, {"role": "labelled only"}, reporter)
@@ -196,7 +204,7 @@ def self_training_round(prepared: Prepared, r: int, teacher: Path, previous: dic
     labels_path = write_labels(cfg, logits, folder / "labels.h5", prepared.classes, reporter)
     pseudo = read_pseudo_labels(labels_path, cfg.soft)
     checkpoint = folder / "student.pt"
-    provenance = make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), round_config(cfg, r),
+    provenance = make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), round_config(cfg, r, prepared.student),
                                  [source_input(prepared.labelled), {"path": str(labels_path), "fingerprint": pseudo.fingerprint}])
     train_student(prepared, r, prepared.student, pseudo, checkpoint, provenance, reporter)
     extra = {"role": "student", "teacher": str(teacher), "teacher_top1": previous["student"]["top1"],
@@ -246,7 +254,8 @@ def train_student(prepared: Prepared, r: int, arch: Arch, pseudo, out: Path, pro
 
     def final_payload(network: nn.Module) -> dict[str, Any]:
         spec = get_arch(arch.name)
-        return {"meta": {"arch": arch.name, "arch_kwargs": arch.kwargs, "input_size": arch.size,
+        return {"meta": {"arch": arch.name, "arch_kwargs": arch.kwargs, "arch_kwargs_resolved": arch.resolved(),
+                         "input_size": arch.size,
                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "task": "self-train",
                          "round": r, "classes": prepared.classes, "class_names": list(prepared.labelled.classes),
                          "feature_layer": spec.feature_layer, "noise": noise},

@@ -25,7 +25,7 @@ from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.network import network_from_checkpoint
-from ssl_cli.models.registry import build_model, get_arch
+from ssl_cli.models.registry import build_model, get_arch, resolved_kwargs
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 from ssl_cli.stages.finetune import embed, eval_source_spec, few_labels, labelled_source, scores
@@ -57,7 +57,10 @@ def evaluation_source(cfg: SupervisedConfig) -> ImageSource | None:
 
 
 def provenance_for(cfg: SupervisedConfig, source: ImageSource) -> Provenance:
-    return make_provenance("checkpoint", "train", cfg.model_dump(mode="json"), cfg.result_config(),
+    # num_classes comes from the data (an input); the other options' defaults enter here
+    resolved = resolved_kwargs(cfg.arch, arch_kwargs(cfg, 0))
+    return make_provenance("checkpoint", "train", cfg.model_dump(mode="json"),
+                           cfg.result_config() | {"arch_kwargs_resolved": resolved},
                            [source_input(source)])
 
 
@@ -86,7 +89,8 @@ def run(cfg: SupervisedConfig, reporter: Reporter | None = None) -> StageResult:
     options = train_options(cfg, len(chosen))
 
     def final_payload(network) -> dict[str, Any]:
-        return {"meta": {"arch": cfg.arch, "arch_kwargs": kwargs, "input_size": size, "mean": list(IMAGENET_MEAN),
+        return {"meta": {"arch": cfg.arch, "arch_kwargs": kwargs, "arch_kwargs_resolved": resolved_kwargs(cfg.arch, kwargs),
+                         "input_size": size, "mean": list(IMAGENET_MEAN),
                          "std": list(IMAGENET_STD), "task": "train", "classes": classes,
                          "class_names": list(source.classes), "feature_layer": spec.feature_layer,
                          "labelled_images": int(len(chosen))},
