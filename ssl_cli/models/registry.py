@@ -8,6 +8,7 @@ after the requested layer, so asking for conv2 never runs fc7).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -65,6 +66,26 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         return spec.build(**kwargs)
     except TypeError as error:
         raise UserError(f"{name}: bad arch options {kwargs}: {error}") from None
+
+
+def resolved_kwargs(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every option the builder of `name` uses, `kwargs` over its defaults: what a checkpoint and a
+    fingerprint record, so that a changed default (dropout, width) is seen as a different network."""
+    spec = get_arch(name)
+    given = {key: value for key, value in (kwargs or {}).items() if key not in ("weights", "pretrained")}
+    try:
+        bound = inspect.signature(spec.build).bind(**given)
+    except TypeError as error:
+        raise UserError(f"{name}: bad arch options {given}: {error}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def builder_accepts(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `kwargs` that the current builder of `name` still takes (a checkpoint's recorded options
+    outlive a renamed or removed one)."""
+    accepted = inspect.signature(get_arch(name).build).parameters
+    return {key: value for key, value in kwargs.items() if key in accepted}
 
 
 def check_layer(spec: ArchSpec, layer: str) -> str:

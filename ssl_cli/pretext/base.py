@@ -169,10 +169,10 @@ class PretextNetwork(nn.Module):
         self.head = task.build_head(self.trunk_shape)
         task.attach(self)
         # The backbone's own classifier is not part of the trunk: a pretext task never trains it, and
-        # DDP refuses parameters that receive no gradient.
-        for name in ("classifier", "fc"):
-            if hasattr(backbone, name):
-                getattr(backbone, name).requires_grad_(False)
+        # DDP refuses parameters that receive no gradient. The checkpoint leaves it out (`untrained`).
+        self.untrained = tuple(name for name in ("classifier", "fc") if hasattr(backbone, name))
+        for name in self.untrained:
+            getattr(backbone, name).requires_grad_(False)
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         return trunk_forward(self.backbone, images)

@@ -4,7 +4,10 @@ torchvision format: a plain `{name: tensor}` `.pt` that loads with `strict=True`
 `getattr(torchvision.models, arch)(weights=None, num_classes=N)`, where N is the checkpoint's
 `num_classes` (recorded in the result summary). The classifier is included where shapes allow:
 when N differs from 1000 the user builds the stock model with `num_classes=N`. Only the stock
-archs export this way; the `*_lowres` variants have no stock torchvision builder.
+archs export this way; the `*_lowres` variants have no stock torchvision builder. A pretext
+checkpoint holds no classifier (the task never trains it): the layers torchvision's layout needs
+are filled with a fresh initialisation from the checkpoint's recorded seed, and the summary's
+`filled` names them.
 
 safetensors format: the same tensors (made contiguous) for every arch, with string metadata
 (arch, num_classes, input_size, source fingerprint).
@@ -38,7 +41,9 @@ def run(checkpoint: Path, fmt: str, out: Path, force: bool = False) -> StageResu
     data = load_checkpoint(checkpoint)
     arch, num_classes, input_size = _describe(data["meta"], checkpoint)
     tensors = _model_tensors(data, checkpoint)
+    filled: list[str] = []
     if fmt == "torchvision":
+        tensors, filled = _fill_untrained(arch, num_classes, tensors, data["meta"])
         _check_loads_into_torchvision(arch, num_classes, tensors)
         _write_atomically(out, lambda tmp: torch.save(tensors, tmp))
     else:
@@ -50,6 +55,10 @@ def run(checkpoint: Path, fmt: str, out: Path, force: bool = False) -> StageResu
         }
         _write_atomically(out, lambda tmp: _save_safetensors(tensors, tmp, metadata))
     summary = {"arch": arch, "format": fmt, "num_classes": num_classes, "tensors": len(tensors)}
+    if filled:
+        seed = int((data["meta"].get("untrained") or {}).get("init_seed", 0))
+        summary["filled"] = (f"{', '.join(filled)}: fresh initialisation (seed {seed}); the checkpoint's training "
+                             "never trained these layers, so it did not store them")
     return StageResult("export", out, "written", summary)
 
 
@@ -77,6 +86,22 @@ def _model_tensors(data: dict[str, Any], checkpoint: Path) -> dict[str, torch.Te
     return {name: tensor.detach().contiguous() for name, tensor in model.items()}
 
 
+def _fill_untrained(arch: str, num_classes: int, tensors: dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors plus those of the modules the checkpoint records as untrained (meta "untrained"), built
+    as the stock model under the recorded seed; returns them and the filled layer names (e.g. classifier.6)."""
+    untrained = meta.get("untrained") or {}
+    prefixes = tuple(f"{name}." for name in untrained.get("modules", []))
+    if arch not in STOCK_ARCHS or not prefixes:
+        return tensors, []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(untrained.get("init_seed", 0)))
+        fresh = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes).state_dict()
+    missing = [name for name in fresh if name not in tensors and name.startswith(prefixes)]
+    layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in missing))
+    return {**tensors, **{name: fresh[name] for name in missing}}, layers
+
+
 def _check_loads_into_torchvision(arch: str, num_classes: int, tensors: dict[str, torch.Tensor]) -> None:
     """Build the stock model and load with strict=True, so only a loadable file is ever written."""
     if arch not in STOCK_ARCHS:
@@ -85,7 +110,8 @@ def _check_loads_into_torchvision(arch: str, num_classes: int, tensors: dict[str
             f"{', '.join(STOCK_ARCHS)} (the *_lowres variants have no stock torchvision builder); "
             "use --format safetensors, which works for every arch"
         )
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    with torch.device("meta"):  # names and shapes only: building VGG16's weights for real takes seconds
+        model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -100,7 +126,7 @@ def _check_loads_into_torchvision(arch: str, num_classes: int, tensors: dict[str
             f"the checkpoint's {arch} weights do not match torchvision.models.{arch}(num_classes={num_classes}) "
             f"({'; '.join(parts)}); use --format safetensors instead"
         )
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=True)
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
