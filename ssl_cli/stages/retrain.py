@@ -71,7 +71,6 @@ def run(cfg: RetrainConfig, reporter: Reporter | None = None) -> StageResult:
     def final_payload(network: nn.Module) -> dict[str, Any]:
         return {"meta": {"arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg, classes), "input_size": size,
                          "arch_kwargs_resolved": resolved_kwargs(cfg.arch, arch_kwargs(cfg, classes)),
-                         "arch_kwargs_resolved": resolved_kwargs(cfg.arch, arch_kwargs(cfg, classes)),
                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "task": "retrain",
                          "classes": classes, "feature_layer": spec.feature_layer},
                 "model": network.state_dict()}

@@ -57,10 +57,6 @@ class Arch:
         """Every builder option, defaults filled in: what the fingerprint and the checkpoint record."""
         return resolved_kwargs(self.name, self.kwargs)
 
-    def resolved(self) -> dict[str, Any]:
-        """Every builder option, defaults filled in: what the fingerprint and the checkpoint record."""
-        return resolved_kwargs(self.name, self.kwargs)
-
     def parameters(self) -> int:
         with torch.device("meta"):
             return sum(p.numel() for p in build_model(self.name, **self.kwargs).parameters())
@@ -81,10 +77,6 @@ class Prepared:
 
     def round_dir(self, r: int) -> Path:
         return self.cfg.out / f"round-{r}"
-
-    def resolved_archs(self) -> dict[str, Any]:
-        archs = {"first": self.first.resolved() if self.first else None, "student": self.student.resolved()}
-        return {"arch_kwargs_resolved": archs}
 
     def resolved_archs(self) -> dict[str, Any]:
         archs = {"first": self.first.resolved() if self.first else None, "student": self.student.resolved()}
