@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+import typer.core
 
 from ssl_cli import __version__, ui
 from ssl_cli.artifacts.lock import claim_output, claim_scope
@@ -79,6 +81,13 @@ def root(
     _DEBUG.set(debug)
 
 
+class _Command(typer.core.TyperCommand):
+    """Usage lines in the common notation: a required argument is `OUT`, not typer's `{OUT}`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.*)\}((\.\.\.)?)$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
 def command(name: str | None = None, **kwargs) -> Callable:
     """Register a command whose errors become one line: UserError -> exit 2, anything else -> exit 1.
 
@@ -109,7 +118,7 @@ def command(name: str | None = None, **kwargs) -> Callable:
                 raise typer.Exit(1) from None
 
         summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else None
-        return app.command(name, short_help=summary, **kwargs)(guarded)
+        return app.command(name, short_help=summary, cls=_Command, **kwargs)(guarded)
 
     return wrap
 
@@ -315,7 +324,7 @@ def tasks() -> None:
 
 @command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="an ssl-cli model checkpoint")],
+    checkpoint: Annotated[Path, typer.Argument(help="an ssl-cli model checkpoint", metavar="CHECKPOINT", show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="torchvision (loads strict into torchvision.models.<arch>) or safetensors")] = "torchvision",
     out: Annotated[Optional[Path], typer.Option("--out", help="output file [required]", show_default=False)] = None,
     force: Force = None,
@@ -357,7 +366,7 @@ def permutations(
 
 
 @command()
-def inspect(path: Annotated[Path, typer.Argument(help="any ssl-cli artifact: .h5 or .pt")]) -> None:
+def inspect(path: Annotated[Path, typer.Argument(help="any ssl-cli artifact: .h5 or .pt", metavar="FILE", show_default=False)]) -> None:
     """Show an artifact's schema, provenance (config, inputs) and datasets."""
     from ssl_cli.stages import inspect as stage
 
@@ -384,7 +393,7 @@ PictureForce = Annotated[Optional[bool], typer.Option("--force", help="replace a
 
 @command()
 def gallery(
-    artifact: Annotated[Path, typer.Argument(help="clusters.h5 from `ssl cluster`, or labels.h5 from `ssl pseudolabel` / `ssl self-train`")],
+    artifact: Annotated[Path, typer.Argument(help="clusters.h5 from `ssl cluster`, or labels.h5 from `ssl pseudolabel` / `ssl self-train`", metavar="ARTIFACT", show_default=False)],
     data: Annotated[Optional[str], typer.Option("--data", help=f"the images the features came from: {SOURCE_FORMS} [required]", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="picture to write: .png, .pdf or .svg [required]", show_default=False)] = None,
     order: Annotated[str, typer.Option("--order", help="which rows: largest, purest, or mixed (least pure first); purity needs targets")] = "largest",
@@ -405,7 +414,7 @@ def gallery(
 
 @command()
 def plot(
-    metrics_files: Annotated[list[Path], typer.Argument(help="<stem>.metrics.jsonl files written beside checkpoints, one run each", show_default=False)],
+    metrics_files: Annotated[list[Path], typer.Argument(help="<stem>.metrics.jsonl files written beside checkpoints, one run each", metavar="METRICS_FILE", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", help="picture to write: .png, .pdf or .svg [required]", show_default=False)] = None,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="legend name of a run, once per file in file order [default: the file's stem]", show_default=False)] = None,
     metrics: Annotated[Optional[str], typer.Option("--metrics", help="comma-separated metrics to draw, e.g. loss,accuracy [default: every numeric one]", show_default=False)] = None,
@@ -423,7 +432,7 @@ def plot(
 
 @command("run")
 def run_pipeline(
-    stages_file: Annotated[Path, typer.Argument(help="stages file")] = Path("stages.yaml"),
+    stages_file: Annotated[Path, typer.Argument(help="stages file", metavar="STAGES_FILE")] = Path("stages.yaml"),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, run nothing")] = False,
     until: Annotated[Optional[str], typer.Option("--until", help="stop after this stage")] = None,
     force: Annotated[Optional[list[str]], typer.Option("--force", help="re-run this stage even if up to date (repeatable)")] = None,
