@@ -69,8 +69,9 @@ def show_result(result: Any) -> None:
     if not result.summary:
         return
     table = Table(show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value")
+    # fold, not the default ellipsis: a path longer than the column breaks across lines, never loses its end
+    table.add_column("key", style="bold", overflow="fold")
+    table.add_column("value", overflow="fold")
     for key, value in result.summary.items():
         table.add_row(key, _format(value))
     out.print(table)
@@ -79,7 +80,7 @@ def show_result(result: Any) -> None:
 def show_plan(rows: list[dict[str, str]]) -> None:
     table = Table(title="plan", title_justify="left")
     for column in ("stage", "command", "action", "why"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row["stage"], row["command"], row["action"], row["why"])
     out.print(table)
@@ -91,7 +92,7 @@ def show_table(title: str, rows: list[dict[str, Any]]) -> None:
         return
     table = Table(title=title, title_justify="left")
     for column in rows[0]:
-        table.add_column(column.replace("_", " "))
+        table.add_column(column.replace("_", " "), overflow="fold")
     for item in rows:
         table.add_row(*("-" if value is None else _format(value) for value in item.values()))
     out.print(table)
