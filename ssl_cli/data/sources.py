@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ssl_cli.artifacts.h5 import H5Artifact
 from ssl_cli.artifacts.schema import file_digest
@@ -59,7 +59,7 @@ class FolderSource(ImageSource):
     `root` have no target (-1).
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, flag: str = "--data"):
         self.spec = str(root)
         self.root = root
         paths = sorted(
@@ -72,7 +72,7 @@ class FolderSource(ImageSource):
             found = f"{others} other file(s)" if others else "nothing"
             raise UserError(
                 f"no images under {root} (found {found}; looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
-                "point --data at a folder of images"
+                f"point {flag} at a folder of images"
             )
         self.sample_ids = paths
         self.classes = sorted({path.split("/")[0] for path in paths if "/" in path})
@@ -84,7 +84,7 @@ class FolderSource(ImageSource):
         try:
             with Image.open(path) as image:
                 image.load()
-                return image.convert("RGB")
+                return as_viewed(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise UnreadableImage(f"{self.sample_ids[index]}: {error}") from None
 
@@ -95,6 +95,19 @@ class FolderSource(ImageSource):
         for relative in self.sample_ids:
             digest.update(f"{relative}\0{os.path.getsize(self.root / relative)}\n".encode())
         return digest.hexdigest()
+
+
+def as_viewed(image: Image.Image) -> Image.Image:
+    """An opened image as RGB the way image viewers show it: turned upright by its EXIF orientation, and
+    16/32-bit grey (modes I;16, I) scaled to 8 bits, where `convert("RGB")` would clip every value above 255
+    (a 16-bit PNG came out almost all white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64)
+        # I;16 is 0..65535; mode I holds 16-bit PNGs too, and 8-bit data when nothing exceeds 255
+        full_scale = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(np.rint(pixels * (255.0 / full_scale)), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 class H5ImageSource(ImageSource):
@@ -169,8 +182,9 @@ class FashionMNISTSource(ImageSource):
         return digest.hexdigest()
 
 
-def open_source(spec: str) -> ImageSource:
-    """Parse a `--data` value into a source; a bad value gets an error listing the accepted forms."""
+def open_source(spec: str, flag: str = "--data") -> ImageSource:
+    """Parse a `--data` value (or that of `flag`: --unlabelled, --eval-data) into a source; a bad value gets an
+    error naming the flag and listing the accepted forms."""
     if spec.startswith("fashion-mnist:"):
         rest = spec[len("fashion-mnist:"):]
         root, colon, split = rest.rpartition(":")
@@ -181,12 +195,12 @@ def open_source(spec: str) -> ImageSource:
         return FashionMNISTSource(Path(root or "/usr/share/datasets/fashion-mnist"), split or "train")
     path = Path(spec)
     if not path.exists():
-        raise UserError(f"--data {spec} does not exist; pass {SOURCE_FORMS}")
+        raise UserError(f"{flag} {spec} does not exist; pass {SOURCE_FORMS}")
     if path.is_dir():
-        return FolderSource(path)
+        return FolderSource(path, flag)
     if path.suffix.lower() in (".h5", ".hdf5") or _looks_hdf5(path):
         return H5ImageSource(path)
-    raise UserError(f"--data {spec} is a file but not an images .h5; pass {SOURCE_FORMS}")
+    raise UserError(f"{flag} {spec} is a file but not an images .h5; pass {SOURCE_FORMS}")
 
 
 def _looks_hdf5(path: Path) -> bool:

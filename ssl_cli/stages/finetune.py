@@ -71,7 +71,7 @@ def few_labels(targets: np.ndarray, per_class: int | None, seed: int) -> np.ndar
 
 
 def labelled_source(spec: str, role: str) -> ImageSource:
-    source = open_source(spec)
+    source = open_source(spec, role)
     if not source.has_targets:
         raise UserError(f"{role} {spec} has no labels (a flat folder?); use class subfolders or a labelled dataset")
     return source

@@ -1,4 +1,7 @@
-"""`ssl pack`: any image source into one HDF5 store (`images` uint8 N x H x W x 3), resumable."""
+"""`ssl pack`: any image source into one HDF5 store (`images` uint8 N x H x W x 3), resumable.
+
+Unreadable images are skipped and named, as `ssl extract` names them: the `skipped_ids` dataset
+(written with the block that found them, `n_skipped` counting them) and the result's `skipped_ids`."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 
 BLOCK = 512
+SHOWN_IDS = 10  # skipped ids named in the result; the file names them all
 
 
 def provenance_for(cfg: PackConfig, source) -> Provenance:
@@ -40,20 +44,21 @@ def run(cfg: PackConfig, reporter: Reporter | None = None) -> StageResult:
         writer = RowWriter.create(cfg.out, provenance, {"images": ((size, size, 3), np.uint8), "sample_ids": ((), str),
                                                         "targets": ((), np.int64)}, chunk_rows=64)
         writer.set_attrs(source_done=0, classes=source.classes)
-    skipped: list[str] = []  # this run's; earlier runs' are counted in n_skipped
-    earlier = int(writer.get_attr("n_skipped", 0))
+    # ids named by earlier runs; those of a block whose rows never counted as done are named again when re-read
+    skipped = list(writer.handle["skipped_ids"].asstr()[...]) if "skipped_ids" in writer.handle else []
+    skipped = skipped[: int(writer.get_attr("n_skipped", 0))]
     total = min(len(source), cfg.limit or len(source))
     try:
         start = int(writer.get_attr("source_done", 0))
         with reporter.progress("pack", total=total, completed=start) as advance:
             for block_start in range(start, total, BLOCK):
                 indices = range(block_start, min(block_start + BLOCK, total))
-                pixels, kept = [], []
+                pixels, kept, bad = [], [], []
                 for index in indices:
                     try:
                         image = source.load(index)
                     except UnreadableImage:
-                        skipped.append(source.sample_ids[index])
+                        bad.append(source.sample_ids[index])
                         continue
                     if cfg.image_size:
                         image = image.resize((size, size))
@@ -63,7 +68,10 @@ def run(cfg: PackConfig, reporter: Reporter | None = None) -> StageResult:
                     pixels.append(np.asarray(image, dtype=np.uint8))
                     kept.append(index)
                 # the source position goes into the same flush as the rows (see RowWriter.append)
-                position = {"source_done": indices.stop, "n_skipped": earlier + len(skipped)}
+                if bad:
+                    writer.write_array("skipped_ids", np.array(skipped + bad, dtype=object))
+                skipped += bad
+                position = {"source_done": indices.stop, "n_skipped": len(skipped)}
                 if kept:
                     writer.append(images=np.stack(pixels), sample_ids=np.array([source.sample_ids[i] for i in kept], dtype=object),
                                   targets=source.targets[kept], attrs=position)
@@ -75,7 +83,12 @@ def run(cfg: PackConfig, reporter: Reporter | None = None) -> StageResult:
         raise
     rows = writer.rows_done
     writer.commit()
-    return StageResult("pack", cfg.out, "written", {"rows": rows, "size": size, "skipped": earlier + len(skipped)})
+    summary: dict = {"rows": rows, "size": size, "skipped": len(skipped)}
+    if skipped:
+        reporter.warn(f"skipped {len(skipped)} unreadable image(s), e.g. {', '.join(skipped[:3])}; named in {cfg.out}")
+        summary["skipped_ids"] = ", ".join(skipped[:SHOWN_IDS]) + (f", ... ({len(skipped)} in all)"
+                                                                   if len(skipped) > SHOWN_IDS else "")
+    return StageResult("pack", cfg.out, "written", summary)
 
 
 def _first_size(source) -> int:

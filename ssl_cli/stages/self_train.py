@@ -86,7 +86,7 @@ class Prepared:
 def prepare(cfg: SelfTrainConfig) -> Prepared:
     """Open and check every input; writes nothing. Every bad input is a UserError here, before any work."""
     labelled = labelled_source(cfg.labelled, "--labelled")
-    unlabelled = open_source(cfg.unlabelled)
+    unlabelled = open_source(cfg.unlabelled, "--unlabelled")
     if not len(unlabelled):
         raise UserError(f"--unlabelled {cfg.unlabelled} has no images; self-training needs images to pseudo-label")
     evaluation = labelled_source(eval_source_spec(cfg.labelled, cfg.eval_data, "--labelled"), "--eval-data")
