@@ -29,6 +29,7 @@ trained by a pretext task.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -125,6 +126,11 @@ class PretextTask:
         """What the checkpoint records beside the task options (e.g. the default feature layer)."""
         return {}
 
+    def chance_loss(self) -> float | None:
+        """The loss of a network that has learnt nothing (ln C for C classes), or None where there is no
+        such level (contrastive, reconstruction); the loop stops a run whose loss climbs far above it."""
+        return None
+
     def caveats(self, source: "ImageSource") -> list[str]:
         """Warnings about these images for this task, printed by the stage before training (none by default)."""
         return []
@@ -132,6 +138,13 @@ class PretextTask:
 
 class ClassificationTask(PretextTask):
     """A task whose output is (B, classes) logits: cross-entropy loss, top-1 accuracy."""
+
+    def classes(self) -> int:
+        """C, the number of logits: the chance loss is ln C."""
+        raise NotImplementedError
+
+    def chance_loss(self) -> float | None:
+        return math.log(self.classes())
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(output, target)

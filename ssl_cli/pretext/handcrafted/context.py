@@ -115,6 +115,9 @@ class ContextTask(ClassificationTask):
         """Side of the 3 x 3 grid of cells: 3 (p + 2j) + 2g."""
         return 3 * (self.patch_size + 2 * self.jitter) + 2 * self.gap
 
+    def classes(self) -> int:
+        return len(NEIGHBOURS)
+
     def info(self) -> TaskInfo:
         return TaskInfo(self.name, {"patch_size": self.patch_size, "gap": self.gap, "jitter": self.jitter,
                                     "color_drop": self.color_drop, "random_crop": self.random_crop})

@@ -257,6 +257,9 @@ class JigsawTask(ClassificationTask):
     def tile_size(self) -> int:
         return self.tile_px
 
+    def classes(self) -> int:
+        return len(self.permutations)
+
     def tile_positions(self, rng: np.random.Generator) -> np.ndarray:
         """(T, 2) int64 (top, left) of every cell's tile in the S x S crop, cells in row-major order."""
         return tile_positions(self.image_size, self.grid, self.cell_size, self.tile_px, rng)

@@ -63,6 +63,9 @@ class RotationTask(ClassificationTask):
     def info(self) -> TaskInfo:
         return TaskInfo(self.name, {"random_crop": self.random_crop})
 
+    def classes(self) -> int:
+        return ROTATIONS
+
     def build_sample(self, image: Image.Image, rng: np.random.Generator,
                      other: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = to_normalised_tensor(square_crop(image, self.image_size, rng, self.random_crop))
