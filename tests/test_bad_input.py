@@ -338,6 +338,7 @@ def test_width_for_an_arch_without_one(cli, snapshot, toy_dir: Path, tmp_path: P
 
 def test_width_with_a_model_checkpoint(cli, snapshot, toy_dir: Path, tmp_path: Path) -> None:
     """A checkpoint records its width: a second one on the command line would contradict it."""
+    (tmp_path / "student.pt").write_bytes(b"")  # exists: the contradiction is named before the file is read
     run_refused(cli, snapshot, tmp_path, ["extract", "--data", toy_dir, "--out", tmp_path / "f.h5",
                                           "--model", tmp_path / "student.pt", "--width", 0.5, "--workers", 0],
                 "--model already records", "drop --weights/--image-size/--width")

@@ -9,7 +9,7 @@ after the requested layer, so asking for conv2 never runs fc7).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -18,19 +18,16 @@ from torchvision import models as tvm
 from torchvision.models.vgg import make_layers
 
 from ssl_cli.errors import UserError
+from ssl_cli.models.catalog import CATALOG, VGG16_CFG, ArchEntry, arch_names, unknown_arch
+
+__all__ = ["ArchSpec", "arch_names", "build_model", "check_layer", "get_arch", "register"]
 
 
 @dataclass(frozen=True)
-class ArchSpec:
-    name: str
-    build: Callable[..., nn.Module]
-    layers: dict[str, str]  # layer name -> module path, in forward order
-    input_size: int  # default input size
-    min_input_size: int
-    feature_layer: str  # default layer for `ssl extract`
-    trunk_layer: str  # last layer of the trunk a pretext head sits on
-    conv_layers: tuple[str, ...] = field(default=())
-    description: str = ""
+class ArchSpec(ArchEntry):
+    """A catalog entry (`models.catalog`: named layers, sizes, description) with its builder."""
+
+    build: Callable[..., nn.Module] | None = None
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -43,13 +40,9 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-def arch_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def get_arch(name: str) -> ArchSpec:
     if name not in _REGISTRY:
-        raise UserError(f"unknown arch {name!r}; valid archs: {', '.join(arch_names())}")
+        raise UserError(unknown_arch(name))
     return _REGISTRY[name]
 
 
@@ -96,13 +89,6 @@ def check_layer(spec: ArchSpec, layer: str) -> str:
 
 # --- AlexNet -------------------------------------------------------------------------------------
 
-_ALEXNET_LAYERS = {
-    "conv1": "features.1", "conv2": "features.4", "conv3": "features.7", "conv4": "features.9",
-    "conv5": "features.11", "pool5": "features.12", "fc6": "classifier.2", "fc7": "classifier.5",
-    "logits": "classifier.6",
-}
-
-
 def _alexnet(num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
     return tvm.alexnet(weights=None, num_classes=num_classes, dropout=dropout)
 
@@ -132,13 +118,6 @@ def _alexnet_lowres(num_classes: int = 1000, dropout: float = 0.5, width: float 
     return _lowres_alexnet_head(model, c5, fc_width, num_classes, dropout)
 
 
-_ALEXNET_BN_LAYERS = {
-    "conv1": "features.2", "conv2": "features.6", "conv3": "features.10", "conv4": "features.13",
-    "conv5": "features.16", "pool5": "features.17", "fc6": "classifier.2", "fc7": "classifier.5",
-    "logits": "classifier.6",
-}
-
-
 def _alexnet_bn_lowres(num_classes: int = 1000, dropout: float = 0.0, width: float = 0.25, fc_width: int = 512) -> nn.Module:
     """alexnet_lowres with batch norm after every conv (the AlexNet of DeepCluster): each conv layer
     keeps learning at the rates that train small images fast. Default width 0.25 (16-48-96-64-64
@@ -161,12 +140,6 @@ def _alexnet_bn_lowres(num_classes: int = 1000, dropout: float = 0.0, width: flo
 
 
 # --- a small convnet for 28-32 px ------------------------------------------------------------------
-
-_CONVNET_LAYERS = {
-    "conv1": "features.2", "conv2": "features.6", "conv3": "features.10", "conv4": "features.13",
-    "conv5": "features.17", "pool": "flatten", "logits": "classifier.1",
-}
-
 
 class SmallConvNet(nn.Module):
     """`features` (5 convs 3x3 with batch norm and ReLU, max-pooled after conv1, conv2 and conv4:
@@ -199,24 +172,6 @@ def _convnet_bn_lowres(num_classes: int = 1000, dropout: float = 0.0, width: flo
 
 # --- VGG -----------------------------------------------------------------------------------------
 
-_VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
-
-def _vgg_layers(batch_norm: bool) -> dict[str, str]:
-    """conv1..conv5 = the last ReLU of each block, pool5 = the last max-pool."""
-    layers, index, block = {}, 0, 1
-    for item in _VGG16_CFG:
-        if item == "M":
-            layers[f"conv{block}"] = f"features.{index - 1}"
-            block += 1
-            index += 1
-        else:
-            index += 3 if batch_norm else 2
-    layers["pool5"] = f"features.{index - 1}"
-    layers.update({"fc6": "classifier.1", "fc7": "classifier.4", "logits": "classifier.6"})
-    return layers
-
-
 def _vgg16(num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
     return tvm.vgg16(weights=None, num_classes=num_classes, dropout=dropout)
 
@@ -228,7 +183,7 @@ def _vgg16_bn(num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
 def _vgg_lowres(batch_norm: bool):
     def build(num_classes: int = 1000, dropout: float = 0.5, width: float = 1.0, fc_width: int = 1024) -> nn.Module:
         """VGG16 for 32-64 px: the same conv stack (optionally thinner), 1x1 pooled, small fc."""
-        cfg = [item if item == "M" else max(8, int(round(item * width))) for item in _VGG16_CFG]
+        cfg = [item if item == "M" else max(8, int(round(item * width))) for item in VGG16_CFG]
         model = tvm.VGG(make_layers(cfg, batch_norm=batch_norm), num_classes=num_classes, dropout=dropout)
         model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         model.classifier = nn.Sequential(
@@ -242,12 +197,6 @@ def _vgg_lowres(batch_norm: bool):
 
 
 # --- ResNet --------------------------------------------------------------------------------------
-
-_RESNET_LAYERS = {
-    "conv1": "relu", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4",
-    "pool": "flatten", "logits": "fc",
-}
-
 
 def _resnet(builder: Callable[..., nn.Module], lowres: bool):
     def build(num_classes: int = 1000, width: float = 1.0) -> nn.Module:
@@ -263,25 +212,14 @@ def _resnet(builder: Callable[..., nn.Module], lowres: bool):
     return build
 
 
-_CONV = ("conv1", "conv2", "conv3", "conv4", "conv5")
-register(ArchSpec("alexnet", _alexnet, _ALEXNET_LAYERS, 224, 63, "fc7", "pool5", _CONV, "torchvision AlexNet"))
-register(ArchSpec("alexnet_lowres", _alexnet_lowres, _ALEXNET_LAYERS, 32, 16, "fc7", "pool5", _CONV,
-                  "AlexNet for 32-64 px (5x5/1 conv1; width, fc_width options)"))
-register(ArchSpec("alexnet_bn_lowres", _alexnet_bn_lowres, _ALEXNET_BN_LAYERS, 32, 16, "fc7", "pool5", _CONV,
-                  "AlexNet with batch norm for 28-64 px, width 0.25 by default: the pick for small images"))
-register(ArchSpec("convnet_bn_lowres", _convnet_bn_lowres, _CONVNET_LAYERS, 32, 8, "pool", "conv5", _CONV,
-                  "5-conv net with batch norm for 28-32 px (32-64-128 channels; width, dropout options): the pick for "
-                  "training from scratch on small images"))
-register(ArchSpec("vgg16", _vgg16, _vgg_layers(False), 224, 32, "fc7", "pool5", _CONV, "torchvision VGG16"))
-register(ArchSpec("vgg16_bn", _vgg16_bn, _vgg_layers(True), 224, 32, "fc7", "pool5", _CONV, "torchvision VGG16-BN"))
-register(ArchSpec("vgg16_lowres", _vgg_lowres(False), _vgg_layers(False), 32, 32, "fc7", "pool5", _CONV,
-                  "VGG16 for 32-64 px (1x1 pooled; width, fc_width options)"))
-register(ArchSpec("vgg16_bn_lowres", _vgg_lowres(True), _vgg_layers(True), 32, 32, "fc7", "pool5", _CONV,
-                  "VGG16-BN for 32-64 px (1x1 pooled; width, fc_width options)"))
-_RES_CONV = ("conv1", "layer1", "layer2", "layer3", "layer4")
-register(ArchSpec("resnet18", _resnet(tvm.resnet18, False), _RESNET_LAYERS, 224, 32, "pool", "pool", _RES_CONV, "torchvision ResNet-18"))
-register(ArchSpec("resnet50", _resnet(tvm.resnet50, False), _RESNET_LAYERS, 224, 32, "pool", "pool", _RES_CONV, "torchvision ResNet-50"))
-register(ArchSpec("resnet18_lowres", _resnet(tvm.resnet18, True), _RESNET_LAYERS, 32, 8, "pool", "pool", _RES_CONV,
-                  "ResNet-18 with a CIFAR stem for 32-64 px"))
-register(ArchSpec("resnet50_lowres", _resnet(tvm.resnet50, True), _RESNET_LAYERS, 32, 8, "pool", "pool", _RES_CONV,
-                  "ResNet-50 with a CIFAR stem for 32-64 px"))
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "alexnet": _alexnet, "alexnet_lowres": _alexnet_lowres, "alexnet_bn_lowres": _alexnet_bn_lowres,
+    "convnet_bn_lowres": _convnet_bn_lowres, "vgg16": _vgg16, "vgg16_bn": _vgg16_bn,
+    "vgg16_lowres": _vgg_lowres(False), "vgg16_bn_lowres": _vgg_lowres(True),
+    "resnet18": _resnet(tvm.resnet18, False), "resnet50": _resnet(tvm.resnet50, False),
+    "resnet18_lowres": _resnet(tvm.resnet18, True), "resnet50_lowres": _resnet(tvm.resnet50, True),
+}
+if set(_BUILDERS) != set(CATALOG):
+    raise ValueError(f"archs without a builder or a catalog entry: {sorted(set(_BUILDERS) ^ set(CATALOG))}")
+for _entry in CATALOG.values():
+    register(ArchSpec(**{f.name: getattr(_entry, f.name) for f in fields(_entry)}, build=_BUILDERS[_entry.name]))

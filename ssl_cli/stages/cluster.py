@@ -33,7 +33,7 @@ def provenance_for(cfg: ClusterConfig, features: H5Artifact) -> Provenance:
         # The dimension auto resolves to is part of the result: a later change of the rule must not
         # leave an older output looking up to date. An explicit --pca-dim keeps its old fingerprint.
         result_config["pca_dim_used"] = pca_dim_for(cfg, features)
-    return make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), result_config,
+    return make_provenance("clusters", "cluster", cfg.recorded_config(), result_config,
                            [{"path": str(cfg.features), "fingerprint": features.fingerprint}])
 
 

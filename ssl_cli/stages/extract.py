@@ -33,12 +33,8 @@ FLUSH_BATCHES = 8
 
 
 def load_network(cfg: ExtractConfig) -> Network:
-    if (cfg.model is None) == (cfg.arch is None):
-        raise UserError("give exactly one of --model CKPT (a trained network) or --arch NAME")
+    # ExtractConfig guarantees exactly one of --model (which records everything) and --arch
     if cfg.model is not None:
-        if cfg.weights is not None or cfg.image_size is not None or cfg.width is not None:
-            raise UserError("--model already records its weights, input size and width; "
-                            "drop --weights/--image-size/--width")
         return network_from_checkpoint(cfg.model)
     return network_from_arch(cfg.arch, cfg.weights, cfg.image_size, cfg.seed, arch_kwargs(cfg.arch, cfg.width))
 
@@ -68,7 +64,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     layer = cfg.layer or network.feature_layer or network.spec.feature_layer
     check_layer(network.spec, layer)
     provenance = make_provenance(
-        "features", "extract", cfg.model_dump(mode="json") | {"layer": layer},
+        "features", "extract", cfg.recorded_config() | {"layer": layer},
         cfg.result_config() | {"layer": layer, "network": network.describe()},
         [source_input(source), *network.inputs],
     )

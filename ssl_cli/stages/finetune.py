@@ -177,7 +177,7 @@ def full_model(network: Network, classes: int, freeze_through: str | None) -> nn
 
 
 def provenance_for(cfg: FinetuneConfig, network: Network, source: ImageSource, evaluation: ImageSource):
-    return make_provenance("checkpoint", "finetune", cfg.model_dump(mode="json"),
+    return make_provenance("checkpoint", "finetune", cfg.recorded_config(),
                            cfg.result_config() | {"eval": evaluation.fingerprint,
                                                   "arch_kwargs_resolved": network.resolved_kwargs()},
                            [*network.inputs, source_input(source), source_input(evaluation)])
@@ -231,7 +231,7 @@ def run(cfg: FinetuneConfig, reporter: Reporter | None = None) -> StageResult:
                                  provenance, reporter)
     report = {"fingerprint": provenance.fingerprint, "mode": cfg.mode, "model": str(cfg.model),
               "train_images": int(len(chosen)), "eval_images": int(len(eval_indices)), "classes": classes,
-              "layers": result, "config": cfg.model_dump(mode="json")}
+              "layers": result, "config": cfg.recorded_config()}
     if distributed.launched_world()[0] == 0:  # under torchrun every rank evaluates; rank 0 writes
         cfg.out.mkdir(parents=True, exist_ok=True)
         tmp = metrics_file.with_name("metrics.json.tmp")

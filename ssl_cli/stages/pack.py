@@ -22,7 +22,7 @@ SHOWN_IDS = 10  # skipped ids named in the result; the file names them all
 
 
 def provenance_for(cfg: PackConfig, source) -> Provenance:
-    return make_provenance("images", "pack", cfg.model_dump(mode="json"), cfg.result_config(), [source_input(source)])
+    return make_provenance("images", "pack", cfg.recorded_config(), cfg.result_config(), [source_input(source)])
 
 
 def provenance(cfg: PackConfig) -> Provenance:

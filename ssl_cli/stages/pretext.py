@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssl_cli.artifacts.lock import claim_scope
+from ssl_cli.artifacts.outputs import plan_output
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.config import PretextConfig
 from ssl_cli.data.batch_augment import normalise_mode
@@ -89,13 +91,15 @@ def make_epoch_end(cfg: PretextConfig, task: PretextTask, network: PretextNetwor
     return epoch_end
 
 
+@claim_scope()  # the output stays locked at least until run returns (see artifacts.lock)
 def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     source = open_source(cfg.data)
     task = make_task(cfg, source)
     record = _provenance(cfg, source, task)
-    for message in task.caveats(source):
-        reporter.warn(message)
+    if not plan_output(cfg.out, record.fingerprint, cfg.force).up_to_date:  # an up-to-date run trains nothing
+        for message in task.caveats(source):
+            reporter.warn(message)
     dataset = task.dataset(source, cfg.seed)  # first: a method may size its state by it (MoCo's queue)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -68,7 +68,7 @@ def run(cfg: PseudolabelConfig, reporter: Reporter | None = None) -> StageResult
 
 def provenance_for(cfg: PseudolabelConfig, clusters: H5Artifact, features: H5Artifact) -> Provenance:
     return make_provenance(
-        "labels", "pseudolabel", cfg.model_dump(mode="json"), cfg.result_config(),
+        "labels", "pseudolabel", cfg.recorded_config(), cfg.result_config(),
         [{"path": str(cfg.clusters), "fingerprint": clusters.fingerprint},
          {"path": str(cfg.features), "fingerprint": features.fingerprint}])
 

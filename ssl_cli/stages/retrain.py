@@ -41,7 +41,7 @@ def arch_kwargs(cfg: RetrainConfig, classes: int) -> dict[str, Any]:
 def provenance_for(cfg: RetrainConfig, source, labels_record: dict[str, str]):
     # num_classes comes from the data (an input); the other options' defaults enter here
     resolved = resolved_kwargs(cfg.arch, arch_kwargs(cfg, 0))
-    return make_provenance("checkpoint", "retrain", cfg.model_dump(mode="json"),
+    return make_provenance("checkpoint", "retrain", cfg.recorded_config(),
                            cfg.result_config() | {"arch_kwargs_resolved": resolved},
                            [source_input(source), labels_record])
 

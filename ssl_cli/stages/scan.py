@@ -1,11 +1,14 @@
 """`ssl cluster --method scan`: SCAN's three steps from a pretext checkpoint and images (see
-`ssl_cli.clustering.scan`), each a resumable artifact beside the output:
+`ssl_cli.clustering.scan`), each a resumable artifact in `scan-cache/` beside the output, named by a
+short hash of what it depends on (so another --out from the same checkpoint, layer, pool size and
+data reuses them, and a changed input makes a new one):
 
-  <stem>.features.h5     `ssl extract` of --data at --layer (avg-pooled to --pool-size)
-  <stem>.neighbours.h5   the --neighbours-k nearest neighbours of every image (or --neighbours PATH):
+  features-<hash>.h5     `ssl extract` of --data at --layer (avg-pooled to --pool-size); also linked
+                         as <stem>.features.h5 beside the output, the file `ssl pseudolabel` takes
+  neighbours-<hash>.h5   the --neighbours-k nearest neighbours of every image (or --neighbours PATH):
                          sample_ids, indices (N, K), cosine distances (N, K); attrs: agreement
-  <stem>.scan.pt         the clustering heads after the SCAN step (the shared training loop)
-  <stem>.selflabel.pt    the kept head after self-labelling (unless --no-self-label)
+  scan-<hash>.pt         the clustering heads after the SCAN step (the shared training loop)
+  selflabel-<hash>.pt    the kept head after self-labelling (unless --no-self-label)
   <out>                  the clusters artifact `ssl cluster` writes for k-means: assignments, per-row
                          confidence (the head's top probability; distances = 1 - confidence),
                          cluster sizes, NMI/ARI/ACC against targets; plus the head (head_weight (k, D),
@@ -13,11 +16,13 @@
                          that `ssl pseudolabel` applies to any features of that layer
 
 With --assign-data, the clusters are those of other images (SCAN's protocol: train on the training
-split, score the test split); their features go to <stem>.assign-features.h5.
+split, score the test split); their features are cached the same way and linked as
+<stem>.assign-features.h5. The clusters' `intermediates` attribute names every file the run used.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -50,14 +55,31 @@ STRONG_MIN_SCALE = 0.3  # the grey view recipe's smallest crop (`ssl_cli.data.vi
 STRONG_JITTER = 0.4
 # what the SCAN step's heads depend on beside the neighbours (the self-labelling settings do not)
 SCAN_STEP_FIELDS = ("k", "heads", "entropy_weight", "scan_epochs", "batch_size", "lr", "seed", "neighbours_k")
+CACHE_FOLDER = "scan-cache"
+KEY_LENGTH = 16  # hex digits of the fingerprint in a cached file's name (64 bits: no collision in practice)
 
 
-def paths(cfg: ClusterConfig) -> dict[str, Path]:
+def cached(cfg: ClusterConfig, kind: str, fingerprint: str, suffix: str) -> Path:
+    """Where an intermediate with this fingerprint lives: `scan-cache/<kind>-<fingerprint[:16]><suffix>` beside
+    --out. Named by what it depends on, not by --out, so another --out from the same inputs finds it."""
+    return cfg.out.parent / CACHE_FOLDER / f"{kind}-{fingerprint[:KEY_LENGTH]}{suffix}"
+
+
+def beside_out(cfg: ClusterConfig, suffix: str) -> Path:
+    """`<stem><suffix>` beside --out: the name a user passes on (`ssl pseudolabel --features <stem>.features.h5`)."""
     stem = cfg.out.with_suffix("")
-    return {"features": stem.with_name(stem.name + ".features.h5"),
-            "neighbours": cfg.neighbours or stem.with_name(stem.name + ".neighbours.h5"),
-            "scan": stem.with_name(stem.name + ".scan.pt"), "selflabel": stem.with_name(stem.name + ".selflabel.pt"),
-            "assign": stem.with_name(stem.name + ".assign-features.h5")}
+    return stem.with_name(stem.name + suffix)
+
+
+def link(name: Path, target: Path) -> None:
+    """Make `name` a relative symlink to `target`, replacing what the stage (or an older ssl-cli) left there."""
+    relative = Path(os.path.relpath(target, name.parent))
+    if name.is_symlink() and Path(os.readlink(name)) == relative:
+        return
+    temporary = name.with_name(name.name + ".link")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(relative)
+    os.replace(temporary, name)  # atomic: the name is never missing or half-made
 
 
 def extract_config(cfg: ClusterConfig, data: str, out: Path) -> ExtractConfig:
@@ -73,19 +95,23 @@ def stale(path: Path, fingerprint: str) -> bool:
 
 def prepared_extractions(cfg: ClusterConfig) -> dict[str, tuple[ExtractConfig, extract_stage.Prepared]]:
     """The `ssl extract` runs the stage makes ("features" of --data, "assign" of --assign-data), each
-    prepared once: its config, network, layer and the fingerprint its output will have."""
-    files = paths(cfg)
+    prepared once: its config, network, layer and the fingerprint its output will have. The output is the
+    cached file of that fingerprint (the output path is not part of it), shared by every --out."""
     sources = {"features": cfg.data, **({"assign": cfg.assign_data} if cfg.assign_data is not None else {})}
     extractions = {}
     for name, data in sources.items():
-        config = extract_config(cfg, data, files[name])
-        extractions[name] = (config, extract_stage.prepare(config))
+        prepared = extract_stage.prepare(extract_config(cfg, data, cfg.out))
+        out = cached(cfg, "features", prepared.provenance.fingerprint, ".h5")
+        extractions[name] = (extract_config(cfg, data, out), prepared)
     return extractions
 
 
-def extract_owned(config: ExtractConfig, prepared: extract_stage.Prepared, reporter: Reporter) -> None:
-    """Run an extraction whose output the stage owns: replaced when stale, reused when up to date."""
+def extract_owned(config: ExtractConfig, prepared: extract_stage.Prepared, name: Path, reporter: Reporter) -> Path:
+    """Run an extraction whose output the stage owns (replaced when stale, reused when up to date) and link
+    `name` beside --out to it. Returns the cached file."""
     extract_stage.run(config.model_copy(update={"force": stale(config.out, prepared.provenance.fingerprint)}), reporter)
+    link(name, config.out)
+    return config.out
 
 
 def provenance(cfg: ClusterConfig, extractions: dict | None = None):
@@ -94,12 +120,11 @@ def provenance(cfg: ClusterConfig, extractions: dict | None = None):
     paths_of = {"features": str(cfg.model), "assign": cfg.assign_data}
     inputs = [{"path": paths_of[name], "fingerprint": prepared.provenance.fingerprint}
               for name, (_, prepared) in extractions.items()]
-    return make_provenance("clusters", "cluster", cfg.model_dump(mode="json"), cfg.result_config(), inputs)
+    return make_provenance("clusters", "cluster", cfg.recorded_config(), cfg.result_config(), inputs)
 
 
 def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     began = time.perf_counter()
-    files = paths(cfg)
     if launched_world()[1] > 1:
         raise UserError("--method scan runs in one process (its SCAN step trains heads on features in seconds); "
                         "run it without torchrun")
@@ -114,9 +139,14 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     source = open_source(cfg.data)
     if cfg.k > len(source):
         raise UserError(f"--k {cfg.k} is larger than the {len(source)} images of --data; use --k {len(source)} or less")
-    extract_owned(*extractions["features"], reporter)
+    (cfg.out.parent / CACHE_FOLDER).mkdir(parents=True, exist_ok=True)
+    files = {"features": extract_owned(*extractions["features"], beside_out(cfg, ".features.h5"), reporter)}
     features, targets, ids, fingerprint = read_features(files["features"])
-    neighbours, agreement = neighbours_of(cfg, files["neighbours"], features, targets, ids, fingerprint, reporter)
+    neighbours_record = make_provenance("neighbours", "scan", {"neighbours_k": cfg.neighbours_k},
+                                        {"neighbours_k": cfg.neighbours_k},
+                                        [{"path": str(files["features"]), "fingerprint": fingerprint}])
+    files["neighbours"] = cfg.neighbours or cached(cfg, "neighbours", neighbours_record.fingerprint, ".h5")
+    neighbours, agreement = neighbours_of(cfg, files["neighbours"], neighbours_record, features, targets, ids, reporter)
 
     prepared = extractions["features"][1]
     network = prepared.network
@@ -127,9 +157,10 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     options = TrainOptions(epochs=cfg.scan_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.lr,
                            optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
                            device=cfg.device, workers=0, progress=cfg.progress)
-    scan_record = make_provenance("checkpoint", "scan", cfg.model_dump(mode="json"),
+    scan_record = make_provenance("checkpoint", "scan", cfg.recorded_config(),
                                   {"step": "scan", **{name: getattr(cfg, name) for name in SCAN_STEP_FIELDS}},
                                   [{"path": str(files["neighbours"]), "fingerprint": fingerprint}])
+    files["scan"] = cached(cfg, "scan", scan_record.fingerprint, ".pt")
     train(model, NeighbourPairs(raw, targets, neighbours, cfg.seed, ids), scan_step(cfg.entropy_weight), options,
           files["scan"], scan_record, lambda m: {"model": m.state_dict(), "meta": {"task": "scan-heads", "k": cfg.k}},
           force=stale(files["scan"], scan_record.fingerprint), reporter=reporter)
@@ -142,10 +173,11 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     confident = None
     if cfg.self_label:
         reader = LayerReader(network.model, network.spec, prepared.layer, "avg", cfg.pool_size)
-        chosen, confident = self_label(cfg, files, source, network, reader, chosen, scan_record, reporter)
+        chosen, confident, files["selflabel"] = self_label(cfg, files["scan"], source, network, reader, chosen,
+                                                           scan_record, reporter)
 
     if cfg.assign_data is not None:
-        extract_owned(*extractions["assign"], reporter)
+        files["assign"] = extract_owned(*extractions["assign"], beside_out(cfg, ".assign-features.h5"), reporter)
         features, targets, ids, _ = read_features(files["assign"])
     chosen = chosen.cpu()
     with torch.no_grad():
@@ -169,7 +201,8 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
         "k": cfg.k, "method": "scan", "n_empty": summary["empty_clusters"], "metrics": quality or {},
         "seconds": seconds, "head": best, "head_losses": losses, "neighbour_agreement": agreement,
         "self_labelled": confident, "layer": prepared.layer, "pool_size": cfg.pool_size,
-        "pca_dim_used": 0, "pca_whitened": False}.items() if value is not None})
+        "pca_dim_used": 0, "pca_whitened": False,
+        "intermediates": {name: str(path) for name, path in files.items()}}.items() if value is not None})
     return StageResult("cluster", out, "written", {k: v for k, v in summary.items() if v is not None})
 
 
@@ -181,11 +214,10 @@ def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
                 handle.fingerprint)
 
 
-def neighbours_of(cfg: ClusterConfig, path: Path, features: np.ndarray, targets: np.ndarray, ids: np.ndarray,
-                  features_fingerprint: str, reporter: Reporter) -> tuple[np.ndarray, float | None]:
-    """The (N, K) neighbour indices from `path` when it was made from these features, else mined and written."""
-    record = make_provenance("neighbours", "scan", {"neighbours_k": cfg.neighbours_k},
-                             {"neighbours_k": cfg.neighbours_k}, [{"path": str(path.name), "fingerprint": features_fingerprint}])
+def neighbours_of(cfg: ClusterConfig, path: Path, record, features: np.ndarray, targets: np.ndarray, ids: np.ndarray,
+                  reporter: Reporter) -> tuple[np.ndarray, float | None]:
+    """The (N, K) neighbour indices from `path` when it holds `record`'s fingerprint (made from these features
+    with these settings), else mined and written there."""
     given = cfg.neighbours is not None  # the user's file; the default one beside the output is the stage's own
     if path.exists():
         with H5Artifact(path, "neighbours", required=("indices", "sample_ids")) as existing:
@@ -209,11 +241,11 @@ def neighbours_of(cfg: ClusterConfig, path: Path, features: np.ndarray, targets:
     return indices, agreement
 
 
-def self_label(cfg: ClusterConfig, files: dict[str, Path], source, network, reader, heads: ClusterHeads,
-               scan_record, reporter: Reporter) -> tuple[ClusterHeads, int]:
+def self_label(cfg: ClusterConfig, scan_file: Path, source, network, reader, heads: ClusterHeads,
+               scan_record, reporter: Reporter) -> tuple[ClusterHeads, int, Path]:
     """Train the kept head on its own confident predictions: the weak view (flips and shifts) picks the
-    labels, the strong view (crops and jitter) learns them. Returns the head and the number of images
-    that were confident in the last epoch."""
+    labels, the strong view (crops and jitter) learns them. Returns the head, the number of images
+    that were confident in the last epoch and the cached checkpoint."""
     size = network.input_size
     normalise = normalise_mode(network.input_mode, network.per_image_normalise)
     weak = BatchAugment(network.mean, network.std, shift=default_shift(size), flip=True, normalise=normalise)
@@ -232,15 +264,16 @@ def self_label(cfg: ClusterConfig, files: dict[str, Path], source, network, read
     options = TrainOptions(epochs=cfg.self_label_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.self_label_lr,
                            optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
                            device=cfg.device, workers=cfg.workers, progress=cfg.progress)
-    record = make_provenance("checkpoint", "scan", cfg.model_dump(mode="json"),
+    record = make_provenance("checkpoint", "scan", cfg.recorded_config(),
                              {"step": "self-label", "threshold": cfg.threshold, "epochs": cfg.self_label_epochs,
                               "lr": cfg.self_label_lr, "batch_size": cfg.batch_size, "seed": cfg.seed},
-                             [{"path": str(files["scan"]), "fingerprint": scan_record.fingerprint}])
-    result = train(model, images, step, options, files["selflabel"], record,
+                             [{"path": str(scan_file), "fingerprint": scan_record.fingerprint}])
+    out = cached(cfg, "selflabel", record.fingerprint, ".pt")
+    result = train(model, images, step, options, out, record,
                    lambda m: {"model": m.cluster_heads.state_dict(), "meta": {"task": "scan-self-label", "k": cfg.k}},
-                   force=stale(files["selflabel"], record.fingerprint), reporter=reporter,
+                   force=stale(out, record.fingerprint), reporter=reporter,
                    batch_transform=lambda x, g: [weak(x, g), strong(x, g)])
-    saved = load_checkpoint(files["selflabel"])
+    saved = load_checkpoint(out)
     heads.load_state_dict(saved["model"])
     history = result.history or saved["meta"]["history"]
-    return heads, int(round((history[-1]["accuracy"] or 0.0) * len(source)))
+    return heads, int(round((history[-1]["accuracy"] or 0.0) * len(source))), out

@@ -145,7 +145,7 @@ def round_config(cfg: SelfTrainConfig, r: int, arch: Arch) -> dict[str, Any]:
 def provenance(cfg: SelfTrainConfig, prepared: Prepared | None = None) -> Provenance:
     """The whole run's provenance: summary.json records its fingerprint (what `ssl run` compares)."""
     prepared = prepared or prepare(cfg)
-    return make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), cfg.result_config() | prepared.resolved_archs(),
+    return make_provenance("checkpoint", "self-train", cfg.recorded_config(), cfg.result_config() | prepared.resolved_archs(),
                            prepared.inputs)
 
 
@@ -177,7 +177,7 @@ def run(cfg: SelfTrainConfig, reporter: Reporter | None = None) -> StageResult:
     summary = {"fingerprint": whole.fingerprint, "classes": prepared.classes, "labelled_images": len(prepared.chosen),
                "unlabelled_images": len(prepared.unlabelled), "eval_images": len(prepared.eval_indices),
                "baseline": None if cfg.teacher else rounds[0]["student"]["top1"],
-               "rounds": [row(metrics) for metrics in rounds], "config": cfg.model_dump(mode="json")}
+               "rounds": [row(metrics) for metrics in rounds], "config": cfg.recorded_config()}
     write_json(cfg.out / "summary.json", summary)
     return StageResult("self-train", cfg.out, "written", summary_of(cfg, summary))
 
@@ -189,7 +189,7 @@ def round_zero(prepared: Prepared, reporter: Reporter) -> dict[str, Any]:
     if cfg.teacher:
         return evaluated(prepared, 0, cfg.teacher, {"role": "given teacher", "teacher": str(cfg.teacher)}, reporter)
     checkpoint = folder / "student.pt"
-    provenance = make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), round_config(cfg, 0, prepared.first),
+    provenance = make_provenance("checkpoint", "self-train", cfg.recorded_config(), round_config(cfg, 0, prepared.first),
                                  [source_input(prepared.labelled)])
     train_student(prepared, 0, prepared.first, None, checkpoint, provenance, reporter)
     return evaluated(prepared, 0, checkpoint, {"role": "labelled only"}, reporter)
@@ -204,7 +204,7 @@ def self_training_round(prepared: Prepared, r: int, teacher: Path, previous: dic
     labels_path = write_labels(cfg, logits, folder / "labels.h5", prepared.classes, reporter)
     pseudo = read_pseudo_labels(labels_path, cfg.soft)
     checkpoint = folder / "student.pt"
-    provenance = make_provenance("checkpoint", "self-train", cfg.model_dump(mode="json"), round_config(cfg, r, prepared.student),
+    provenance = make_provenance("checkpoint", "self-train", cfg.recorded_config(), round_config(cfg, r, prepared.student),
                                  [source_input(prepared.labelled), {"path": str(labels_path), "fingerprint": pseudo.fingerprint}])
     train_student(prepared, r, prepared.student, pseudo, checkpoint, provenance, reporter)
     extra = {"role": "student", "teacher": str(teacher), "teacher_top1": previous["student"]["top1"],

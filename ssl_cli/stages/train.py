@@ -59,7 +59,7 @@ def evaluation_source(cfg: SupervisedConfig) -> ImageSource | None:
 def provenance_for(cfg: SupervisedConfig, source: ImageSource) -> Provenance:
     # num_classes comes from the data (an input); the other options' defaults enter here
     resolved = resolved_kwargs(cfg.arch, arch_kwargs(cfg, 0))
-    return make_provenance("checkpoint", "train", cfg.model_dump(mode="json"),
+    return make_provenance("checkpoint", "train", cfg.recorded_config(),
                            cfg.result_config() | {"arch_kwargs_resolved": resolved},
                            [source_input(source)])
 

@@ -4,6 +4,9 @@ reproduces, --assign-data, up to date on a re-run, `ssl run`), and the bad input
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -84,6 +87,12 @@ def pretext_pt(toy_dir, tmp_path_factory, cli):
     return out
 
 
+def intermediates(out: Path) -> dict[str, Path]:
+    """The cached files a SCAN clusters file says it was made from (features, neighbours, scan, selflabel)."""
+    with h5py.File(out) as handle:
+        return {name: Path(path) for name, path in json.loads(handle.attrs["intermediates"]).items()}
+
+
 @pytest.fixture(scope="module")
 def scan_run(pretext_pt, toy_dir, cli):
     out = pretext_pt.parent / "clusters.h5"
@@ -94,7 +103,11 @@ def scan_run(pretext_pt, toy_dir, cli):
 
 def test_scan_writes_neighbours_and_clusters_of_the_kmeans_kind(scan_run, toy_dir):
     out, output = scan_run
-    with h5py.File(out.with_name("clusters.neighbours.h5")) as handle:
+    files = intermediates(out)
+    assert set(files) == {"features", "neighbours", "scan", "selflabel"}
+    assert all(path.parent == out.parent / "scan-cache" and path.exists() for path in files.values())
+    assert out.with_name("clusters.features.h5").resolve() == files["features"].resolve()  # what pseudolabel takes
+    with h5py.File(files["neighbours"]) as handle:
         assert handle["indices"].shape == (96, 5) and handle["distances"].shape == (96, 5)
         assert handle["sample_ids"].shape == (96,)
         assert 0 <= float(handle.attrs["agreement"]) <= 1
@@ -104,7 +117,7 @@ def test_scan_writes_neighbours_and_clusters_of_the_kmeans_kind(scan_run, toy_di
         assert assignments.shape == confidence.shape == (96,) and assignments.max() < TOY_CLASSES
         assert ((confidence >= 1 / TOY_CLASSES - 1e-6) & (confidence <= 1)).all()
         assert handle["head_weight"].shape[0] == TOY_CLASSES
-        assert {"nmi", "ari", "acc_hungarian"} <= set(__import__("json").loads(handle.attrs["metrics"]))
+        assert {"nmi", "ari", "acc_hungarian"} <= set(json.loads(handle.attrs["metrics"]))
     assert "neighbour_agreement" in output and "nmi=" in output
 
 
@@ -126,10 +139,11 @@ def test_a_rerun_is_up_to_date_and_assign_data_clusters_other_images(scan_run, t
     assert result.exit_code == 0 and "up to date" in result.output, result.output
     other = copy_to(toy_dir, tmp_path)  # the same images under another path: a source of its own
     assigned = out.with_name("assigned.h5")
+    neighbours = intermediates(out)["neighbours"]
     result = cli("cluster", "--method", "scan", "--model", out.with_name("rotation.pt"), "--data", toy_dir, *COMMON,
-                 "--assign-data", other, "--neighbours", out.with_name("clusters.neighbours.h5"), "--out", assigned)
+                 "--assign-data", other, "--neighbours", neighbours, "--out", assigned)
     assert result.exit_code == 0, result.output
-    assert "clusters.neighbours.h5 is up to date" in result.output  # mined once, reused
+    assert f"{neighbours} is up to date" in result.output  # mined once, reused
     with h5py.File(assigned) as handle:
         assert handle["assignments"].shape == (96,)
 
@@ -150,7 +164,7 @@ def test_bad_scan_inputs_exit_2_with_one_line(extra, message, pretext_pt, toy_di
 
 def test_a_checkpoint_that_is_not_a_model_exits_2(scan_run, toy_dir, cli, tmp_path):
     out, _ = scan_run
-    result = cli("cluster", "--method", "scan", "--model", out.with_name("clusters.scan.pt"), "--data", toy_dir,
+    result = cli("cluster", "--method", "scan", "--model", intermediates(out)["scan"], "--data", toy_dir,
                  *COMMON, "--out", tmp_path / "c.h5")
     assert result.exit_code == 2 and "not a model checkpoint" in result.output, result.output
 
@@ -162,7 +176,7 @@ def test_a_neighbours_file_of_other_images_exits_2(scan_run, pretext_pt, cli, tm
     images = tmp_path / "other"
     write_toy_folder(images, n=48, classes=TOY_CLASSES, size=32, seed=1)
     result = cli("cluster", "--method", "scan", "--model", pretext_pt, "--data", images, *COMMON,
-                 "--neighbours", out.with_name("clusters.neighbours.h5"), "--out", tmp_path / "c.h5")
+                 "--neighbours", intermediates(out)["neighbours"], "--out", tmp_path / "c.h5")
     assert result.exit_code == 2 and "neighbours of other images" in result.output, result.output
 
 
@@ -193,10 +207,29 @@ def test_ssl_run_chains_a_scan_stage(pretext_pt, toy_dir, cli, tmp_path):
 
 def test_self_label_loss_in_the_metrics_is_the_confident_fraction(scan_run):
     out, _ = scan_run
-    rows = out.with_name("clusters.selflabel.metrics.jsonl").read_text().splitlines()
+    checkpoint = intermediates(out)["selflabel"]
+    rows = checkpoint.with_name(checkpoint.stem + ".metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
-    first = __import__("json").loads(rows[0])
+    first = json.loads(rows[0])
     assert 0 <= first["accuracy"] <= 1
+
+
+def test_another_out_from_the_same_model_and_data_reuses_every_step(scan_run, pretext_pt, toy_dir, cli):
+    """The intermediates are keyed by what they depend on, not by --out: a second output neither re-extracts
+    nor re-mines nor retrains, and holds the same clusters."""
+    out, _ = scan_run
+    files = intermediates(out)
+    written = {name: path.stat().st_mtime_ns for name, path in files.items()}
+    other = out.with_name("other.h5")
+    result = cli("cluster", "--method", "scan", "--model", pretext_pt, "--data", toy_dir, *COMMON, "--out", other)
+    assert result.exit_code == 0, result.output
+    assert intermediates(other) == files
+    assert {name: path.stat().st_mtime_ns for name, path in files.items()} == written
+    assert all(f"{path} is up to date" in result.output for path in files.values()), result.output
+    assert other.with_name("other.features.h5").resolve() == files["features"].resolve()
+    with h5py.File(out) as first, h5py.File(other) as second:
+        assert np.array_equal(first["assignments"][...], second["assignments"][...])
+        assert np.array_equal(first["head_weight"][...], second["head_weight"][...])
 
 
 def test_user_error_on_missing_model(toy_dir, cli, tmp_path):
@@ -214,7 +247,8 @@ def test_force_replaces_stale_intermediates_and_keeps_up_to_date_ones(pretext_pt
     assert cli(*base).exit_code == 0
     result = cli(*base, "--threshold", "0.9", "--force")  # only self-labelling changes
     assert result.exit_code == 0, result.output
-    assert "c.features.h5 is up to date" in result.output and "c.scan.pt is up to date" in result.output
+    files = intermediates(out)
+    assert f"{files['features']} is up to date" in result.output and f"{files['scan']} is up to date" in result.output
     result = cli(*base, "--pool-size", "2", "--force")  # other features: every step is redone, no refusal
     assert result.exit_code == 0, result.output
     assert "up to date" not in result.output.replace(f"{out.name} is up to date", "")

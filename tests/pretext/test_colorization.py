@@ -132,7 +132,7 @@ def test_grey_images_get_a_caveat_and_colour_ones_none():
     assert "grey" in message and "another --task" in message
 
 
-def test_pretext_stage_warns_before_training_on_grey_images(tmp_path):
+def test_pretext_stage_warns_on_grey_images_only_when_it_trains(tmp_path):
     from typer.testing import CliRunner
 
     from ssl_cli.cli import app
@@ -141,8 +141,12 @@ def test_pretext_stage_warns_before_training_on_grey_images(tmp_path):
         folder = tmp_path / "grey" / f"c{index % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         toy_image(index).convert("L").save(folder / f"{index}.png")
-    result = CliRunner().invoke(app, ["pretext", "--task", "colorization", "--arch", "alexnet_bn_lowres", "--image-size",
-                                      "32", "--batch-size", "4", "--epochs", "1", "--workers", "0", "--device", "cpu",
-                                      "--no-progress", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "c.pt")])
+    command = ["pretext", "--task", "colorization", "--arch", "alexnet_bn_lowres", "--image-size", "32", "--batch-size",
+               "4", "--epochs", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--data",
+               str(tmp_path / "grey"), "--out", str(tmp_path / "c.pt")]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     assert "warning" in result.output and "look grey" in result.output
+    result = CliRunner().invoke(app, command)  # up to date: nothing trains, so nothing to warn about
+    assert result.exit_code == 0 and "up to date" in result.output, result.output
+    assert "look grey" not in result.output
