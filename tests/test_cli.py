@@ -192,3 +192,14 @@ def test_a_crash_is_one_line_with_exit_1_and_a_traceback_only_with_debug(cli, fe
     debug = cli("--debug", *args)
     assert debug.exit_code == 1
     assert "Traceback" in debug.output
+
+
+def test_clusters_record_only_the_settings_their_method_used(cli, features_h5, tmp_path) -> None:
+    """A k-means clusters file names no SCAN option, and `--force` (an action) is not a setting."""
+    out = tmp_path / "c.h5"
+    assert cli("cluster", "--features", str(features_h5), "--k", "3", "--out", str(out), "--force").exit_code == 0
+    with h5py.File(out) as handle:
+        config = json.loads(handle.attrs["config"])
+    assert config["k"] == 3 and config["niter"] == 20
+    for name in ("force", "method", "heads", "neighbours_k", "entropy_weight", "self_label", "scan_epochs"):
+        assert name not in config, name
