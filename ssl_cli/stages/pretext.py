@@ -63,7 +63,7 @@ def provenance(cfg: PretextConfig):
 
 
 def _provenance(cfg: PretextConfig, source, task: PretextTask):
-    return make_provenance("checkpoint", "pretext", cfg.model_dump(mode="json"),
+    return make_provenance("checkpoint", "pretext", cfg.recorded_config(),
                            cfg.result_config() | {"task_info": task.info().options,
                                                   "arch_kwargs_resolved": resolved_kwargs(cfg.arch, arch_kwargs(cfg))},
                            [source_input(source)])
@@ -136,7 +136,8 @@ def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
     result = train(network, dataset, step, options, cfg.out, record, final_payload, force=cfg.force, reporter=reporter,
                    batch_transform=task.batch_transform(), after_step=lambda context: task.after_step(network, context),
                    epoch_end=make_epoch_end(cfg, task, network, options.epochs),
-                   epoch_start=lambda epoch, optimizer: task.epoch_start(network, epoch, optimizer))
+                   epoch_start=lambda epoch, optimizer: task.epoch_start(network, epoch, optimizer),
+                   chance_loss=task.chance_loss())
     last = result.history[-1] if result.history else {}
     summary = {"task": cfg.task, "arch": cfg.arch, "epochs": options.epochs, "loss": last.get("loss"),
                "accuracy": last.get("accuracy"), "knn_top1": last.get("knn_top1"),
