@@ -9,9 +9,18 @@ from ssl_cli.clustering.kmeans_torch import KMeansResult, assign_torch, kmeans_t
 from ssl_cli.errors import UserError
 
 
-def faiss_gpu_count() -> int:
-    import faiss
+def import_faiss():
+    """faiss, or a UserError saying how to install it (it is an extra: one of two builds)."""
+    try:
+        import faiss
+    except ImportError:
+        raise UserError("faiss is not installed: pip install 'ssl-cli[cpu]' (faiss-cpu), or 'ssl-cli[gpu]' on a "
+                        "CUDA machine; or pass --backend torch") from None
+    return faiss
 
+
+def faiss_gpu_count() -> int:
+    faiss = import_faiss()
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
@@ -28,7 +37,7 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, max_points_per_ce
     if backend == "torch":
         tensor = torch.from_numpy(np.ascontiguousarray(x)).to(device or "cpu")
         return kmeans_torch(tensor, k, niter, seed, max_points_per_centroid)
-    import faiss
+    faiss = import_faiss()
 
     kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
                           gpu=use_faiss_gpu(gpu), verbose=False)
@@ -43,7 +52,7 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, topk: int, backend: 
     if backend == "torch":
         return assign_torch(torch.from_numpy(np.ascontiguousarray(x)).to(device or "cpu"),
                             torch.from_numpy(centroids), topk=topk)
-    import faiss
+    faiss = import_faiss()
 
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
