@@ -251,7 +251,7 @@ def format_validation_error(error: ValidationError, source: str = "", as_flags: 
             message = "unknown field"
         elif item["type"] == "missing":
             message = "required (pass it as a flag or in --config)"
-        parts.append(f"{flag}: {message}")
+        parts.append(message if message.startswith(flag + " ") else f"{flag}: {message}")
     where = f" in {source}" if source else ""
     return f"invalid settings{where}: " + "; ".join(parts)
 
