@@ -93,26 +93,61 @@ def equipartition(log_probs: torch.Tensor, lam: float = 25.0, iterations: int = 
     so logits work as well as log-softmax outputs. lam: SeLa's lambda (25 in the paper); larger
     gives harder labels and slower convergence.
 
-    Computed in log space in float64: exp(lam * log p) underflows for confident rows, and a
-    cluster no sample favours would leave an all-zero column to divide by. Memory: one (N, K)
-    float64 matrix (8 N K bytes: 800 MB at N K = 1e8) plus blocks of ~32 MB, since the row
-    and column log-sum-exps are taken over blocks of rows; the matrix becomes the result in
-    place. Time: two passes over N K entries per round.
+    Computed in float64, in exp space as SeLa's own code does (each round is two matrix-vector
+    products: 20x-30x faster than log space on 20,000 x 100), after shifting every row and then
+    every column so that its largest entry is exp(0) = 1: no row or column can underflow to all
+    zeros. Where the shifted entries still span more than float64's exponent range (a cluster
+    that every sample rates 28 / lam nats or more below its best), it falls back to the same
+    iteration in log space, which is exact at any range but computes an exp per entry per round.
+    Memory: one (N, K) float64 matrix (8 N K bytes: 800 MB at N K = 1e8); the log-space path adds
+    blocks of ~32 MB.
     """
     _check_log_probs(log_probs, lam, iterations, tolerance)
-    samples, clusters = log_probs.shape
     log_transport = log_probs.detach().to(torch.float64) * lam  # (N, K), log P
-    log_column_scale = torch.zeros(clusters, dtype=torch.float64, device=log_probs.device)
+    log_transport -= log_transport.max(dim=1, keepdim=True).values  # a row constant cancels in the row scaling
+    column_peak = log_transport.max(dim=0).values  # <= 0; likewise a column constant in the column scaling
+    if column_peak.min() < -_EXP_RANGE:
+        return _equipartition_log(log_transport, iterations, tolerance)
+    log_transport -= column_peak
+    return _equipartition_exp(log_transport.exp_(), iterations, tolerance)
+
+
+# Shifted log entries down to -_EXP_RANGE keep exp (and the scalings built from it) well inside
+# float64's range (exp(-708) is its smallest normal number).
+_EXP_RANGE = 600.0
+
+
+def _equipartition_exp(transport: torch.Tensor, iterations: int, tolerance: float) -> torch.Tensor:
+    """(N, K) P = exp(shifted lam * log p), every row and column holding a 1 -> (N, K) rows summing to 1."""
+    samples, clusters = transport.shape
+    row_scale = (1.0 / samples) / transport.sum(dim=1)
+    column_scale = torch.ones(clusters, dtype=transport.dtype, device=transport.device)
+    for _ in range(iterations):
+        column_scale = (1.0 / clusters) / (transport.T @ row_scale)
+        row_sums = transport @ column_scale
+        # The row sums the column scaling left, relative to 1/N: zero at the fixed point.
+        error = (row_scale * row_sums * samples - 1).abs().max()
+        row_scale = (1.0 / samples) / row_sums
+        if error < tolerance:
+            break
+    # Rows rescaled to sum to 1: the row scaling drops out, leaving the column scaling.
+    transport *= column_scale
+    transport /= transport.sum(dim=1, keepdim=True)
+    return transport
+
+
+def _equipartition_log(log_transport: torch.Tensor, iterations: int, tolerance: float) -> torch.Tensor:
+    """The same iteration on log P (N, K) float64, for entries beyond exp's range; the matrix becomes the result."""
+    samples, clusters = log_transport.shape
+    log_column_scale = torch.zeros(clusters, dtype=torch.float64, device=log_transport.device)
     log_row_scale = -math.log(samples) - _row_logsumexp(log_transport, log_column_scale)
     for _ in range(iterations):
         log_column_scale = -math.log(clusters) - _column_logsumexp(log_transport, log_row_scale)
         row_logsumexp = _row_logsumexp(log_transport, log_column_scale)
-        # The row sums the column scaling left, relative to 1/N: zero at the fixed point.
         error = (log_row_scale + row_logsumexp + math.log(samples)).exp().sub(1).abs().max()
         log_row_scale = -math.log(samples) - row_logsumexp
         if error < tolerance:
             break
-    # Rows rescaled to sum to 1: the row scaling drops out, leaving the column scaling.
     log_transport += log_column_scale
     log_transport -= _row_logsumexp(log_transport, torch.zeros_like(log_column_scale))[:, None]
     return log_transport.exp_()

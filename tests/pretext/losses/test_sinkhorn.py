@@ -101,6 +101,35 @@ def test_equipartition_balances_clusters_that_argmax_would_leave_empty():
     assert labels.unique().tolist() == list(range(clusters))
 
 
+def test_exp_space_gives_the_labels_of_log_space_where_both_converge():
+    """The fast path (exp space, SeLa's own) against the log-space iteration on the same stopping rule."""
+    from ssl_cli.pretext.losses import sinkhorn as module
+
+    torch.manual_seed(0)
+    log_probs = F.log_softmax(torch.randn(3000, 30) * 2, dim=1).double()
+    shifted = log_probs * 25.0
+    shifted -= shifted.max(dim=1, keepdim=True).values
+    slow = module._equipartition_log(shifted.clone(), 1000, 1e-6)
+    fast = equipartition(log_probs, 25.0, 1000, 1e-6)
+    assert torch.equal(fast.argmax(dim=1), slow.argmax(dim=1))
+    assert torch.allclose(fast, slow, atol=1e-10)
+    assert torch.allclose(fast.sum(dim=0), torch.full((30,), 100.0, dtype=torch.float64), rtol=1e-4)
+
+
+def test_a_range_beyond_exp_falls_back_to_log_space(monkeypatch):
+    """A cluster every sample rates hundreds of nats below its best underflows exp: log space still balances it."""
+    from ssl_cli.pretext.losses import sinkhorn as module
+
+    real, calls = module._equipartition_log, []
+    monkeypatch.setattr(module, "_equipartition_log", lambda *args: calls.append(1) or real(*args))
+    torch.manual_seed(0)
+    log_probs = torch.randn(40, 4, dtype=torch.float64)
+    log_probs[:, 3] -= 40.0  # x lam 25 = -1000: exp underflows to 0
+    labels = equipartition_labels(log_probs, 25.0)
+    assert calls  # the log-space path ran
+    assert torch.bincount(labels, minlength=4).min() >= 5  # cluster 3, which argmax alone never picks, is used
+
+
 def test_bad_inputs_are_explained():
     with pytest.raises(ValueError, match=r"\(B, K\)"):
         sinkhorn(torch.zeros(5))
