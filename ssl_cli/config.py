@@ -58,6 +58,28 @@ class StageConfig(BaseModel):
     def unused_fields(self) -> tuple[str, ...]:
         return ()
 
+    @classmethod
+    def rule_problems(cls, values: dict[str, Any]) -> list[str]:
+        """Rules between settings, read from the values passed, so they are reported together with every
+        field's own error (an after-validator would run only once every field is valid)."""
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _rules_with_fields(cls, values: Any, handler: Any) -> Any:
+        problems = cls.rule_problems(values) if isinstance(values, dict) else []
+        try:
+            validated = handler(values)
+        except ValidationError as error:
+            if not problems:
+                raise
+            rules = [{"type": "value_error", "loc": (), "input": values, "ctx": {"error": ValueError(problem)}}
+                     for problem in problems]
+            raise ValidationError.from_exception_data(cls.__name__, [*error.errors(), *rules]) from None
+        if problems:
+            raise ValueError("; ".join(problems))
+        return validated
+
     @field_validator(*SOURCE_FIELDS, check_fields=False)
     @classmethod
     def _source_exists(cls, value: Any, info: ValidationInfo) -> Any:
@@ -108,15 +130,14 @@ class ExtractConfig(StageConfig):
     dtype: Literal["float32", "float16"] = Field("float32", description="storage type of the features")
     seed: int = Field(0, description="seed of a randomly initialised --arch")
 
-    @model_validator(mode="after")
-    def _one_network(self) -> "ExtractConfig":
-        if (self.model is None) == (self.arch is None):
-            raise ValueError("give exactly one of --model CKPT (a trained network) or --arch NAME")
-        if self.model is not None and (self.weights is not None or self.image_size is not None
-                                       or self.width is not None):
-            raise ValueError("--model already records its weights, input size and width; "
-                             "drop --weights/--image-size/--width")
-        return self
+    @classmethod
+    def rule_problems(cls, values: dict[str, Any]) -> list[str]:
+        given = {name for name, value in values.items() if value is not None}
+        if ("model" in given) == ("arch" in given):
+            return ["give exactly one of --model CKPT (a trained network) or --arch NAME"]
+        if "model" in given and given & {"weights", "image_size", "width"}:
+            return ["--model already records its weights, input size and width; drop --weights/--image-size/--width"]
+        return []
 
     def result_config(self) -> dict[str, Any]:
         # An unset width is left out, so features extracted before --width existed keep their
@@ -171,20 +192,19 @@ class ClusterConfig(StageConfig):
     lr: float = Field(1e-3, gt=0, le=10, description="scan: AdamW learning rate of the heads")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows", "neighbours"}
 
-    @model_validator(mode="after")
-    def _inputs_of_the_method(self) -> "ClusterConfig":
-        if self.method == "kmeans":
-            if self.features is None:
-                raise ValueError("k-means clusters --features; pass --features FEATURES.h5 (or --method scan with "
-                                 "--model and --data)")
-            given = [name for name in SCAN_FIELDS if name in self.model_fields_set]
-            if given:
-                raise ValueError(f"--{given[0].replace('_', '-')} belongs to --method scan; k-means reads --features")
-        elif self.model is None or self.data is None:
-            raise ValueError("--method scan needs --model (a pretext checkpoint) and --data (the images to cluster)")
-        elif self.features is not None:
-            raise ValueError("--method scan extracts its own features from --model; drop --features")
-        return self
+    @classmethod
+    def rule_problems(cls, values: dict[str, Any]) -> list[str]:
+        if values.get("method", "kmeans") != "scan":
+            if values.get("features") is None:
+                return ["k-means clusters --features; pass --features FEATURES.h5 (or --method scan with --model "
+                        "and --data)"]
+            given = [name for name in SCAN_FIELDS if values.get(name) is not None]
+            return [f"--{given[0].replace('_', '-')} belongs to --method scan; k-means reads --features"] if given else []
+        if values.get("model") is None or values.get("data") is None:
+            return ["--method scan needs --model (a pretext checkpoint) and --data (the images to cluster)"]
+        if values.get("features") is not None:
+            return ["--method scan extracts its own features from --model; drop --features"]
+        return []
 
     def unused_fields(self) -> tuple[str, ...]:
         unused = ("method", *SCAN_FIELDS) if self.method == "kmeans" else KMEANS_FIELDS
@@ -251,7 +271,8 @@ def format_validation_error(error: ValidationError, source: str = "", as_flags: 
             message = "unknown field"
         elif item["type"] == "missing":
             message = "required (pass it as a flag or in --config)"
-        parts.append(message if message.startswith(flag + " ") else f"{flag}: {message}")
+        whole = not item["loc"] or message.startswith(flag + " ")  # a rule between settings names its own flags
+        parts.append(message if whole else f"{flag}: {message}")
     where = f" in {source}" if source else ""
     return f"invalid settings{where}: " + "; ".join(parts)
 

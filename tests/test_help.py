@@ -131,3 +131,12 @@ def test_a_bad_flag_answers_before_torch_loads() -> None:
              "print('exit', code, 'heavy', heavy)\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert "exit 2 heavy []" in result.stdout, result.stdout + result.stderr
+
+
+def test_rules_between_settings_come_with_the_field_errors(tmp_path) -> None:
+    result = runner.invoke(ssl_cli.cli.app, ["cluster", "--features", str(tmp_path / "f.h5"), "--k", "1",
+                                             "--heads", "3", "--out", str(tmp_path / "c.h5")])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    for fragment in ("f.h5 does not exist", "--k:", "--heads belongs to --method scan"):
+        assert fragment in line, fragment
