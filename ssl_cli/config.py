@@ -177,8 +177,8 @@ class ClusterConfig(StageConfig):
                                     "the test split of SCAN's protocol")
     layer: str | None = Field(None, description="scan: the layer read (default: the checkpoint's feature layer)")
     pool_size: int = Field(1, ge=1, le=16, description="scan: the layer's map is average-pooled to this side")
-    neighbours: Path | None = Field(None, description="scan: the neighbours file (default: <out>.neighbours.h5 beside "
-                                    "the output; reused when up to date)")
+    neighbours: Path | None = Field(None, description="scan: the neighbours file (default: scan-cache/neighbours-<hash>"
+                                    ".h5 beside --out, keyed by the features and --neighbours-k; reused when up to date)")
     neighbours_k: int = Field(20, ge=1, description="scan: nearest neighbours of every image")
     heads: int = Field(10, ge=1, le=100, description="scan: clustering heads trained at once; the lowest-loss one is kept")
     entropy_weight: float = Field(5.0, ge=0, description="scan: weight of the entropy of the mean prediction")
