@@ -31,7 +31,7 @@ from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 from ssl_cli.train.loop import StepContext, metrics_path, train
 from ssl_cli.train.monitor import KnnMonitor
-from ssl_cli.train.recipe import train_options, training_size
+from ssl_cli.train.recipe import train_options, training_size, with_arch_recipe
 
 
 def image_size(cfg: PretextConfig, cls: type[PretextTask], source: ImageSource) -> int:
@@ -58,6 +58,7 @@ def arch_kwargs(cfg: PretextConfig) -> dict[str, Any]:
 
 
 def provenance(cfg: PretextConfig):
+    cfg = with_arch_recipe(cfg)  # as run() does: a plain vgg16/alexnet defaults to SGD
     source = open_source(cfg.data)
     return _provenance(cfg, source, make_task(cfg, source))
 
@@ -94,6 +95,7 @@ def make_epoch_end(cfg: PretextConfig, task: PretextTask, network: PretextNetwor
 @claim_scope()  # the output stays locked at least until run returns (see artifacts.lock)
 def run(cfg: PretextConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
+    cfg = with_arch_recipe(cfg)  # a plain vgg16/alexnet defaults to its papers' SGD recipe (train/recipe.py)
     source = open_source(cfg.data)
     task = make_task(cfg, source)
     record = _provenance(cfg, source, task)

@@ -6,6 +6,7 @@ The labels may come from clusters fitted on another dataset; they join `--data` 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from ssl_cli.models.registry import build_model, get_arch, resolved_kwargs
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
 from ssl_cli.train.loop import metrics_path, train
-from ssl_cli.train.recipe import batch_augment, classification_step, train_options, training_size
+from ssl_cli.train.recipe import batch_augment, classification_step, train_options, training_size, with_arch_recipe
 
 
 def read_labels(cfg: RetrainConfig) -> tuple[np.ndarray, np.ndarray, int, dict[str, str]]:
@@ -47,11 +48,13 @@ def provenance_for(cfg: RetrainConfig, source, labels_record: dict[str, str]):
 
 
 def provenance(cfg: RetrainConfig):
+    cfg = with_arch_recipe(cfg)  # as run() does
     return provenance_for(cfg, open_source(cfg.data), read_labels(cfg)[3])
 
 
 def run(cfg: RetrainConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
+    cfg = with_arch_recipe(cfg)  # a plain vgg16/alexnet defaults to its papers' SGD recipe (train/recipe.py)
     source = open_source(cfg.data)
     ids, labels, classes, record = read_labels(cfg)
     indices = join_by_id(source, ids, str(cfg.labels))
@@ -77,7 +80,7 @@ def run(cfg: RetrainConfig, reporter: Reporter | None = None) -> StageResult:
 
     result = train(model, dataset, classification_step(cfg.label_smoothing), options, cfg.out, record_all,
                    final_payload, force=cfg.force, reporter=reporter, sample_weights=weights,
-                   batch_transform=batch_augment(cfg, size, IMAGENET_MEAN, IMAGENET_STD))
+                   batch_transform=batch_augment(cfg, size, IMAGENET_MEAN, IMAGENET_STD), chance_loss=math.log(classes))
     last = result.history[-1] if result.history else {}
     summary = {"arch": cfg.arch, "classes": classes, "images": len(indices), "sampling": cfg.sampling,
                "loss": last.get("loss"), "accuracy": last.get("accuracy"),

@@ -8,6 +8,7 @@ evaluation images (the test split of a fashion-mnist source, or --eval-data), re
 
 from __future__ import annotations
 
+import math
 import json
 import os
 from pathlib import Path
@@ -31,7 +32,7 @@ from ssl_cli.stages import StageResult
 from ssl_cli.stages.finetune import embed, eval_source_spec, few_labels, labelled_source, scores
 from ssl_cli.train import distributed
 from ssl_cli.train.loop import metrics_path, train
-from ssl_cli.train.recipe import batch_augment, classification_step, epochs_for, train_options, training_size
+from ssl_cli.train.recipe import batch_augment, classification_step, epochs_for, train_options, training_size, with_arch_recipe
 
 
 def eval_path(out: Path) -> Path:
@@ -65,12 +66,14 @@ def provenance_for(cfg: SupervisedConfig, source: ImageSource) -> Provenance:
 
 
 def provenance(cfg: SupervisedConfig) -> Provenance:
+    cfg = with_arch_recipe(cfg)  # as run() does
     return provenance_for(cfg, labelled_source(cfg.data, "--data"))
 
 
 @claim_scope()  # the checkpoint stays locked until its evaluation is written (see artifacts.lock)
 def run(cfg: SupervisedConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
+    cfg = with_arch_recipe(cfg)  # a plain vgg16/alexnet defaults to its papers' SGD recipe (train/recipe.py)
     source = labelled_source(cfg.data, "--data")
     evaluation = evaluation_source(cfg)
     classes = int(source.targets.max() + 1)
@@ -97,7 +100,7 @@ def run(cfg: SupervisedConfig, reporter: Reporter | None = None) -> StageResult:
                 "model": network.state_dict()}
 
     result = train(model, dataset, classification_step(cfg.label_smoothing), options, cfg.out, record, final_payload,
-                   force=cfg.force, reporter=reporter,
+                   force=cfg.force, reporter=reporter, chance_loss=math.log(classes),
                    batch_transform=batch_augment(cfg, size, IMAGENET_MEAN, IMAGENET_STD))
     last = result.history[-1] if result.history else {}
     summary = {"arch": cfg.arch, "classes": classes, "images": int(len(chosen)), "epochs": epochs_for(cfg, len(chosen)),

@@ -302,7 +302,10 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                         loss, accuracy = step(trained, inputs, targets, context)
                     loss_value = loss.item()
                     problem = divergence.problem(loss_value, context.step)
-                    if distributed.any_rank(problem is not None, group, device):  # every rank stops at this step
+                    diverged = problem is not None
+                    if group.active:  # every rank stops at this step (one all-reduce more a step, only under torchrun)
+                        diverged = distributed.any_rank(diverged, group, device)
+                    if diverged:
                         raise UserError(divergence_message(problem or "the loss diverged on another rank", epoch,
                                                            batch_index, options, out))
                     optimizer.zero_grad(set_to_none=True)

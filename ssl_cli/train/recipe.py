@@ -7,7 +7,17 @@
 - image size: when not given, the images' own size if the source knows it (Fashion-MNIST: 28) and the
   arch accepts it, else the arch's input size: upsampling 28 px to 32 px costs 30% more compute and
   adds no information;
-- classification steps use label smoothing (0.1 by default).
+- classification steps use label smoothing (0.1 by default);
+- optimizer: the config's small-image AdamW default, except for the full-size archs without batch norm
+  (`vgg16`, `alexnet`): under AdamW every weight moves by about the learning rate whatever its layer's
+  fan-in, and their 4096-wide layers (jigsaw's fc7 over 9 x 1024 tile features) turn that into logits
+  that blow up: `ssl pretext --task jigsawpp --arch vgg16 --image-size 114` reached a loss of 250 by its
+  third step against a chance level of 6.55. They get their papers' recipe instead (`with_arch_recipe`):
+  SGD, lr 0.01, momentum 0.9, weight decay 5e-4, cosine: the same run stays finite at 6.55 over its first
+  12 steps (too few to learn 701 classes), and a fresh head on VGG16's conv stack learns under it
+  (tests/train/test_plain_recipe.py). The *_lowres variants keep AdamW, which was measured on them
+  (bench/recipes.py): on 128 toy images `ssl train --arch vgg16_lowres --width 0.25` reached loss 0.68 in
+  48 steps under it (width 1: 1.12, no divergence) while SGD at 0.01 stayed at 1.37-1.38 (chance 1.39).
 """
 
 from __future__ import annotations
@@ -51,6 +61,25 @@ def training_size(spec: ArchSpec, source: ImageSource, requested: int | None, fl
     if size < spec.min_input_size:
         raise UserError(f"{flag} {size} is too small for {spec.name} (minimum {spec.min_input_size})")
     return size
+
+
+# Full-size archs without batch norm, and the recipe their papers train them with (Simonyan & Zisserman
+# 2015: SGD 0.01, momentum 0.9, weight decay 5e-4; Noroozi & Favaro 2016 likewise for Jigsaw).
+PLAIN_ARCHS = frozenset({"vgg16", "alexnet"})
+PLAIN_RECIPE = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
+RECIPE_FIELDS = ("optimizer", "lr")  # a user who sets either chose the recipe: nothing is filled in then
+
+
+def with_arch_recipe(cfg: Any, arch: str | None = None) -> Any:
+    """`cfg` with its arch's recipe as defaults: for a PLAIN_ARCHS arch (`arch`, else `cfg.arch`) whose
+    --lr and --optimizer were both left unset, the PLAIN_RECIPE fields the user did not set; any other
+    config is returned as it is. A value the user gave (flag or YAML) is never replaced. Call it before
+    the provenance is made, so the checkpoint records (and the fingerprint covers) what actually ran."""
+    arch = arch if arch is not None else getattr(cfg, "arch", None)
+    given = cfg.model_fields_set
+    if arch not in PLAIN_ARCHS or any(name in given for name in RECIPE_FIELDS):
+        return cfg
+    return cfg.model_copy(update={key: value for key, value in PLAIN_RECIPE.items() if key not in given})
 
 
 def epochs_for(cfg: Any, images: int) -> int:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from ssl_cli.cli import app
 
 ROTATION = ["pretext", "--task", "rotation", "--arch", "alexnet_lowres", "--width", "0.25", "--image-size", "32",
-            "--batch-size", "16", "--lr", "0.05", "--workers", "0", "--device", "cpu", "--no-progress",
+            "--batch-size", "16", "--lr", "0.005", "--workers", "0", "--device", "cpu", "--no-progress",
             "--deterministic", "--seed", "0"]
 
 
