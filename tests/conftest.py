@@ -7,6 +7,14 @@ the session files themselves must stay untouched.
 
 from __future__ import annotations
 
+import os
+
+# One OpenMP thread for the suite and every `ssl` process it starts (they inherit the environment;
+# set before torch and faiss load): the nets and batches here are tiny, and on shared cores the
+# barriers of a second thread cost more than the work (a self-train round: 111 s of CPU with 2
+# threads on a loaded 2-core machine, 23 s with 1, the same result). A value already set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import hashlib
 import shutil
 from collections.abc import Callable
