@@ -15,19 +15,40 @@ import json, h5py
 from rich.console import Console
 from rich.table import Table
 
-table = Table(title="toy pipeline: cluster quality against the toy classes")
-for column in ("artifact", "rows", "k", "NMI", "ARI", "acc (Hungarian)", "acc (majority)"):
-    table.add_column(column)
-for path in ("runs/toy/clusters.h5", "runs/toy/labels.h5"):
+table = Table(title="toy pipeline: cluster quality against the toy classes", title_justify="left")
+paths = ("runs/toy/clusters.h5", "runs/toy/scan-clusters.h5", "runs/toy/labels.h5")
+# the artifact column is never cut short: it is as wide as the longest path, the headers wrap instead
+table.add_column("artifact", no_wrap=True, min_width=max(map(len, paths)))
+for column in ("rows", "k", "NMI", "ARI", "Hungarian acc", "majority acc"):
+    table.add_column(column, min_width=min(len(column), 9))
+omitted = set()
+for path in paths:
     with h5py.File(path) as f:
         metrics = json.loads(f.attrs["metrics"])
         rows = f["assignments" if "assignments" in f else "labels"].shape[0]
-        table.add_row(path, str(rows), str(f.attrs["k"]), *(f"{metrics[key]:.3f}" for key in ("nmi", "ari", "acc_hungarian", "acc_majority")))
+        omitted.update([metrics["acc_majority_omitted"]] if "acc_majority_omitted" in metrics else [])
+        table.add_row(path, str(rows), str(f.attrs["k"]),
+                      *(f"{metrics[key]:.3f}" if key in metrics else "-" for key in ("nmi", "ari", "acc_hungarian", "acc_majority")))
 Console().print(table)
+for reason in sorted(omitted):
+    print(f"majority acc left out: {reason}")
+
+summary = json.load(open("runs/toy/self-train/summary.json"))
+rounds = Table(title=f"toy pipeline: self-training ({summary['labelled_images']} labelled images, "
+                     f"{summary['unlabelled_images']} unlabelled, {summary['eval_images']} held out)", title_justify="left")
+for column in ("round", "role", "teacher top-1", "pseudo-labels", "their accuracy", "top-1"):
+    rounds.add_column(column, overflow="fold")
+for row in summary["rounds"]:
+    pseudo = row["pseudo_accuracy"]
+    rounds.add_row(str(row["round"]), row["role"], "-" if row["teacher_top1"] is None else f"{row['teacher_top1']:.3f}",
+                   "-" if row["pseudo_labelled"] is None else str(row["pseudo_labelled"]),
+                   "-" if pseudo is None else f"{pseudo:.3f}", f"{row['top1']:.3f}")
+Console().print(rounds)
 
 report = json.load(open("runs/toy/finetune-linear/metrics.json"))
-probes = Table(title=f"toy pipeline: linear probes on the retrained student ({report['train_images']} labelled "
-                     f"images, {report['eval_images']} held out, chance {1 / report['classes']:.3f})")
+print(f"toy pipeline: linear probes on the retrained student ({report['train_images']} labelled images, "
+      f"{report['eval_images']} held out, chance {1 / report['classes']:.3f})")
+probes = Table()
 for column in ("layer", "top-1", "top-5"):
     probes.add_column(column)
 for layer, scores in report["layers"].items():
