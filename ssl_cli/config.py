@@ -305,15 +305,20 @@ def resolve(model: type[BaseModel], config_file: Path | None, flags: dict[str, A
 class TrainConfig(StageConfig):
     """Options of the shared training loop, common to every training stage. The defaults are the
     small-image recipe measured in bench/recipes.py (AdamW, one-cycle, an epoch count from the
-    dataset size); the papers' ImageNet recipes are a flag away (`--optimizer sgd --lr 0.1 --schedule cosine`)."""
+    dataset size); the papers' ImageNet recipes are a flag away (`--optimizer sgd --lr 0.1 --schedule cosine`).
+    Full-size archs without batch norm (vgg16, alexnet) take their papers' SGD recipe instead when neither
+    --lr nor --optimizer is set (`train.recipe.with_arch_recipe`). A run whose loss is not finite, or stays
+    above 3x its task's chance loss after warm-up, is stopped with advice (`train.loop.DivergenceCheck`)."""
 
     epochs: int | None = Field(None, ge=1, le=100_000,
                                description="default: enough to see ~60k images, 10 to 100 epochs (60 for 1,000 images, 10 for 60,000)")
     batch_size: int = Field(64, ge=1, le=65536, description="images per batch")
-    lr: float = Field(0.002, gt=0, le=10, description="peak learning rate (after warm-up; one-cycle's peak)")
+    lr: float = Field(0.002, gt=0, le=10, description="peak learning rate (after warm-up; one-cycle's peak); plain "
+                      "vgg16/alexnet: 0.01 with SGD unless --lr or --optimizer is given")
     optimizer: Literal["sgd", "adamw", "lars"] = Field(
         "adamw", description="adamw, sgd, or lars (SimCLR's large-batch SGD: per-layer trust ratio; biases and norm "
-        "parameters get neither it nor weight decay)")
+        "parameters get neither it nor weight decay); plain vgg16/alexnet: sgd, momentum 0.9, weight decay 5e-4, "
+        "cosine, unless --lr or --optimizer is given")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.05, ge=0, le=1, description="weight decay")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up before a cosine or constant schedule "
