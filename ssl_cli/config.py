@@ -328,6 +328,10 @@ class TrainConfig(StageConfig):
         "or constant")
     seed: int = Field(0, description="random seed")
     deterministic: bool = Field(False, description="deterministic algorithms: identical weights after a resume")
+    compile: bool = Field(False, description="torch.compile the network (a warm-up of seconds to minutes before the "
+                          "first step, reported; faster steps where the compiler wins, see bench/README.md)")
+    # how the network runs, not what it learns
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"compile"}
 
 
 class ClassifierTrainConfig(TrainConfig):
