@@ -75,9 +75,13 @@ class ResizedImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    def image(self, position: int) -> tuple[torch.Tensor, int]:
+        """(uint8 (3, S, S), position used): image `position`, or the readable one that replaced it."""
         if self.cache is not None:
-            used = int(self.used[position])
-            return self.cache[position], torch.tensor(int(self.labels[used])), position, used == position
+            return self.cache[position], int(self.used[position])
         image, used = load_readable(self.source, self.indices, position)
-        return to_uint8(image, self.size), torch.tensor(int(self.labels[used])), position, used == position
+        return to_uint8(image, self.size), used
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        image, used = self.image(position)
+        return image, torch.tensor(int(self.labels[used])), position, used == position

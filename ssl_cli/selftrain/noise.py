@@ -1,5 +1,6 @@
-"""The noise a Noisy Student learns under: input noise (RandAugment on top of shifts, crops and flips) and
-model noise (dropout before the classifier's linear layers, stochastic depth in ResNets).
+"""The model noise a Noisy Student learns under: dropout before the classifier's linear layers and
+stochastic depth in ResNets. The input noise (RandAugment, then shifts, crops and flips) is drawn per
+batch on the device: `data.randaugment.BatchRandAugment` and `data.batch_augment.BatchAugment`.
 
 Model noise is added with hooks and module attributes, never new parameters, so the student's
 state dict keeps the registry's layout and loads anywhere a plain checkpoint of its arch does.
@@ -11,30 +12,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-from PIL import Image
 from torch import nn
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import stochastic_depth
-
-from ssl_cli.data.resized import to_uint8
-
-
-def student_transform(size: int, ops: int, magnitude: int) -> Callable:
-    """PIL image -> (3, size, size) uint8 tensor at the training size, RandAugment(ops, magnitude) applied
-    when ops > 0. Crops, shifts, flips and normalisation follow on the device, batched
-    (`data.batch_augment.BatchAugment`), as in every other training stage."""
-    randaugment = T.RandAugment(num_ops=ops, magnitude=magnitude) if ops else None
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = TF.center_crop(TF.resize(image, size, antialias=True), size)
-        return to_uint8(randaugment(image) if randaugment else image, size)
-
-    return transform
 
 
 def add_noise(model: nn.Module, dropout: float, depth_drop: float) -> dict[str, int]:

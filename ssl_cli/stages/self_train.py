@@ -28,6 +28,7 @@ from ssl_cli.artifacts.checkpoint import load_checkpoint
 from ssl_cli.artifacts.lock import claim_output, claim_scope
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.config import SelfTrainConfig
+from ssl_cli.data.randaugment import BatchRandAugment
 from ssl_cli.data.sources import ImageSource, open_source, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.device import resolve_device
@@ -37,7 +38,7 @@ from ssl_cli.models.registry import build_model, get_arch, resolved_kwargs
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.selftrain.labels import label_stats, read_pseudo_labels, teacher_logits, write_labels
 from ssl_cli.selftrain.mixed import MixedDataset
-from ssl_cli.selftrain.noise import add_noise, student_transform
+from ssl_cli.selftrain.noise import add_noise
 from ssl_cli.stages import StageResult
 from ssl_cli.stages.finetune import embed, eval_source_spec, few_labels, labelled_source, scores
 from ssl_cli.train import distributed
@@ -221,16 +222,17 @@ def train_student(prepared: Prepared, r: int, arch: Arch, pseudo, out: Path, pro
         torch.manual_seed(seed)
         model = build_model(arch.name, **arch.kwargs)
     noise = add_noise(model, cfg.dropout, cfg.stochastic_depth)
-    transform = student_transform(arch.size, cfg.randaugment_ops, cfg.randaugment_magnitude)
+    randaugment = BatchRandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude)
     augment = batch_augment(cfg, arch.size, IMAGENET_MEAN, IMAGENET_STD)
 
     def augment_groups(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(B, 1+r, 3, H, W) uint8 -> the same shape, augmented and normalised as one batch."""
-        return augment(images.flatten(0, 1), generator).view(images.shape)
+        """(B, 1+r, 3, H, W) uint8 -> float of the same shape: RandAugment, then crops, shifts and flips,
+        normalised, as one batch on the device (input noise; dropout and stochastic depth are the model's)."""
+        return augment(randaugment(images.flatten(0, 1), generator), generator).view(images.shape)
     labels = prepared.labelled.targets[prepared.chosen].astype(np.int64)
     if pseudo is None:
         dataset = MixedDataset(prepared.labelled, prepared.chosen, labels, None, np.empty(0, np.int64),
-                               np.empty((0, prepared.classes), np.float32), prepared.classes, 0, transform, seed)
+                               np.empty((0, prepared.classes), np.float32), prepared.classes, 0, arch.size, seed)
     else:
         position = {sample_id: index for index, sample_id in enumerate(prepared.unlabelled.sample_ids)}
         rows = np.array([position.get(sample_id, -1) for sample_id in pseudo.sample_ids], dtype=np.int64)
@@ -238,7 +240,7 @@ def train_student(prepared: Prepared, r: int, arch: Arch, pseudo, out: Path, pro
             raise UserError(f"pseudo-labelled ids are not images of --unlabelled (e.g. {pseudo.sample_ids[rows < 0][0]}); "
                             "the unlabelled source changed since its labels were made: pass --force")
         dataset = MixedDataset(prepared.labelled, prepared.chosen, labels, prepared.unlabelled, rows, pseudo.targets,
-                               prepared.classes, cfg.unlabelled_ratio, transform, seed)
+                               prepared.classes, cfg.unlabelled_ratio, arch.size, seed)
     weight = cfg.unlabelled_weight
 
     def step(network: nn.Module, images: torch.Tensor, targets: torch.Tensor, context: StepContext | None = None):
