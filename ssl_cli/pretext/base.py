@@ -12,7 +12,9 @@ Methods that need more (several views, a momentum encoder, a queue or a memory b
 hooks below, whose defaults give the handcrafted tasks' behaviour; whatever they keep between steps
 lives in the head (parameters and buffers), so the checkpoint holds it and resume stays exact:
 - `dataset(source, seed)`: what the loop iterates (default: `build_sample` per image in workers);
-- `batch_transform()`: a batched augmentation on the device, e.g. two views per image (default none);
+- `batch_transform()`: a batched augmentation on the device, e.g. two views per image (default none); the
+  handcrafted tasks cut their samples there (`pretext.on_batch`) and return a `TaskBatch` that carries the
+  targets drawn with them;
 - `attach(network)`: called once the network exists (a momentum copy of the backbone, say);
 - `objective(head, output, target, context)`: loss and accuracy; gets the batch's dataset indices;
 - `after_step(head, context)`: after each optimizer step (a momentum update);
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +55,14 @@ class TaskInfo:
 
     name: str
     options: dict[str, Any]  # plain types only (lists, ints, floats, str): stored in the checkpoint
+
+
+class TaskBatch(NamedTuple):
+    """A batch whose samples were built on the device: the network's inputs (or, out of the network, its
+    output) and the targets drawn with them; the loader's targets are placeholders then."""
+
+    inputs: Any
+    targets: torch.Tensor
 
 
 class PretextTask:
@@ -109,6 +119,8 @@ class PretextTask:
     def objective(self, head: nn.Module, output: Any, target: torch.Tensor,
                   context: "StepContext") -> tuple[torch.Tensor, float | None]:
         """(loss, accuracy) of a batch; `head` is the task's head (queues and banks live there)."""
+        if isinstance(output, TaskBatch):  # targets drawn on the batch (see `batch_transform`)
+            output, target = output
         return self.loss(output, target), self.accuracy(output.detach(), target)
 
     def after_step(self, network: "PretextNetwork", context: "StepContext") -> None:
@@ -191,6 +203,8 @@ class PretextNetwork(nn.Module):
         return trunk_forward(self.backbone, images)
 
     def forward(self, inputs: Any) -> Any:
+        if isinstance(inputs, TaskBatch):
+            return TaskBatch(self.task.forward(self.trunk, self.head, inputs.inputs), inputs.targets)
         return self.task.forward(self.trunk, self.head, inputs)
 
 

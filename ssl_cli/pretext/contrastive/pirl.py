@@ -2,8 +2,9 @@
 image is cut into a jigsaw puzzle, and should differ from other images'.
 
 A sample is the image (uint8 (3, S, S), augmented on the device like SimCLR's views) and its jigsaw
-transform: the handcrafted jigsaw task's tiling (`cut_tiles`: a random crop, a 3 x 3 grid of cells,
-a tile at a random place in each; 9 tiles (9, 3, t, t)), shuffled by a random permutation. f(v_I):
+transform: the handcrafted jigsaw task's tiling (`batch_tiles`, on the batch: the image resized on the
+device to round(jigsaw_size * 256 / 225) px, a random jigsaw_size crop, a 3 x 3 grid of cells, a tile
+at a random place in each; 9 tiles (9, 3, t, t)), shuffled by a random permutation of all 9!. f(v_I):
 the trunk's pooled map of the image, projected to 128-d. g(v_It): every tile through the same
 trunk (resized up to the smallest input the trunk accepts), pooled, projected to 128-d each,
 concatenated in their shuffled order and projected to 128-d. A memory bank holds one 128-d row per
@@ -29,19 +30,16 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from ssl_cli.data.resized import first_images, to_uint8
-from ssl_cli.data.sources import ImageSource
+from ssl_cli.data.views import make_views
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.base import minimum_trunk_input
 from ssl_cli.pretext.contrastive.base import ContrastiveTask, check_number
-from ssl_cli.pretext.dataset import PretextDataset
-from ssl_cli.pretext.handcrafted.jigsaw import cut_tiles, default_tile_size, minimum_image_size, shuffle_tiles
+from ssl_cli.pretext.handcrafted.jigsaw import (PAPER_CROP, PAPER_RESIZE, batch_tiles, default_tile_size,
+                                                minimum_image_size, resize_to)
 from ssl_cli.pretext.heads import global_pool
 from ssl_cli.pretext.losses.nce_bank import PIRL_WEIGHT, nce_bank
 from ssl_cli.pretext.memory import MemoryBank
@@ -88,26 +86,19 @@ class PIRLTask(ContrastiveTask):
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "negatives_drawn": self.negatives_drawn(), "tile_input": self.tile_input}
 
-    # --- data: the image (views made on the device) and its shuffled tiles, per sample ---------------
-
-    def dataset(self, source: ImageSource, seed: int) -> PretextDataset:
-        data = PretextDataset(source, self, seed)
-        self.recipe = self.resolve_views(first_images(source, self.image_size))
-        self.size_of_dataset = len(data)
-        return data
-
-    def build_sample(self, image: Image.Image, rng: np.random.Generator,
-                     other: Image.Image | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """-> ((uint8 (3, S, S) image, (9, 3, t, t) tiles in a random order), unused target 0)."""
-        tiles = shuffle_tiles(cut_tiles(image, self.jigsaw_size, GRID, self.tile_px, rng), rng.permutation(GRID * GRID))
-        return (to_uint8(image, self.image_size), tiles.contiguous()), torch.tensor(0)
+    # --- data: whole images (`WholeImages`, in memory when they fit); the view and the tiles on the device ---
 
     def batch_transform(self):
-        one_view = super().batch_transform()
+        recipe = self.recipe
+        if recipe is None:
+            raise RuntimeError(f"{self.name}: dataset() decides the view recipe; call it before batch_transform()")
+        base = round(self.jigsaw_size * PAPER_RESIZE / PAPER_CROP)
 
-        def transform(inputs: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
-            images, tiles = inputs
-            return [one_view(images, generator)[0], tiles]
+        def transform(images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+            """uint8 (B, 3, S, S) -> [view (B, 3, S, S), tiles (B, 9, 3, t, t) in a random order]."""
+            view = make_views(images, recipe, generator, count=1)[0]
+            order = torch.rand(len(images), GRID * GRID, generator=generator, device=generator.device).argsort(dim=1)
+            return [view, batch_tiles(resize_to(images, base), self.jigsaw_size, GRID, self.tile_px, generator, order)]
 
         return transform
 

@@ -30,6 +30,12 @@ following the paper, each patch keeps one random colour channel and the other tw
 with Gaussian noise of 1/100 of the kept channel's standard deviation (zero-mean in the
 ImageNet-normalised space, i.e. the dataset mean colour).
 
+On the batch (what training runs; `build_sample` is the per-image definition it is tested against):
+the loader delivers the uint8 S x S squares (short side resized to S, centre square kept) and
+`batch_transform()` draws every sample's label, jitters, kept channels and noise from the step's
+generator and cuts the 2B patches with one gather. (`random_crop`, a random square along the long
+side of a non-square image, applies to `build_sample` only: the batched path sees the centre square.)
+
 Head (Doersch's late fusion): a shared fc6 per patch (flatten the trunk map -> Linear -> ReLU),
 the two fc6 vectors concatenated (centre first), fc7 (Linear -> ReLU), fc8 -> 8 logits.
 """
@@ -44,8 +50,9 @@ from PIL import Image
 from torch import nn
 
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import ClassificationTask, TaskInfo, per_image_normalise
+from ssl_cli.pretext.base import ClassificationTask, TaskBatch, TaskInfo, per_image_normalise
 from ssl_cli.pretext.crops import square_crop, to_normalised_tensor
+from ssl_cli.pretext.on_batch import cut_squares, imagenet_normalise, integers, square_images
 
 # (row, column) of each label's cell in the 3 x 3 grid; the centre is (1, 1).
 NEIGHBOURS = ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2))
@@ -160,6 +167,45 @@ class ContextTask(ClassificationTask):
                      other: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, target, _ = self.build_sample_with_positions(image, rng)
         return inputs, target
+
+    # --- on the batch (what training runs) ----------------------------------------------------------
+
+    def dataset(self, source, seed: int):
+        return square_images(source, self.image_size)
+
+    def batch_transform(self):
+        def pairs(images: torch.Tensor, generator: torch.Generator) -> TaskBatch:
+            return self.batch_sample(images, *self.draw(len(images), generator))
+
+        return pairs
+
+    def draw(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(labels (B,), shifts (B, 2, 2) (dy, dx) of centre and neighbour in [-j, j], kept channels (B, 2),
+        noise (B, 2, 3, p, p) standard normal) for `batch` samples, from `generator`."""
+        p = self.patch_size
+        labels = integers(len(NEIGHBOURS), (batch,), generator)
+        shifts = integers(2 * self.jitter + 1, (batch, 2, 2), generator) - self.jitter
+        kept = integers(3, (batch, 2), generator)
+        noise = torch.randn(batch, 2, 3, p, p, generator=generator, device=generator.device) if self.color_drop \
+            else torch.zeros(0, device=generator.device)
+        return labels, shifts, kept, noise
+
+    def batch_sample(self, images: torch.Tensor, labels: torch.Tensor, shifts: torch.Tensor, kept: torch.Tensor,
+                     noise: torch.Tensor) -> TaskBatch:
+        """uint8 (B, 3, S, S) -> TaskBatch((B, 2, 3, p, p) centre and neighbour patches, (B,) labels)."""
+        device, p = images.device, self.patch_size
+        pitch = self.patch_size + 2 * self.jitter + self.gap
+        cells = torch.tensor([CENTRE, *NEIGHBOURS], device=device)  # (9, 2): the centre, then label order
+        chosen = torch.stack([cells[torch.zeros_like(labels)], cells[labels + 1]], dim=1)  # (B, 2, 2)
+        at = (self.image_size - self.span()) // 2 + chosen * pitch + self.jitter + shifts
+        sources = torch.arange(len(images), device=device)[:, None].expand(-1, 2)
+        patches = imagenet_normalise(cut_squares(images, sources, at[..., 0], at[..., 1], p))
+        if self.color_drop:
+            index = kept.view(-1, 2, 1, 1, 1).expand(-1, -1, 1, p, p)
+            channel = torch.gather(patches, 2, index)  # (B, 2, 1, p, p)
+            scale = NOISE_SCALE * channel.flatten(2).std(dim=2).view(-1, 2, 1, 1, 1)
+            patches = (noise * scale).scatter(2, index, channel)
+        return TaskBatch(per_image_normalise(patches), labels)
 
     def build_head(self, trunk_shape: tuple[int, int, int]) -> nn.Module:
         channels, height, width = trunk_shape

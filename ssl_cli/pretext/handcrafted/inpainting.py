@@ -20,6 +20,12 @@ The reconstruction is scored in the normalised space the trunk sees.
 inputs (3, S, S) = the masked image; target (4, S, S) = the unmasked normalised image (3
 channels) stacked with the mask (1 = hidden), so the loss knows which pixels were hidden.
 The head is the upsampling decoder colorization uses, ending in 3 channels at S x S.
+
+On the batch (what training runs; `build_sample` is the per-image definition it is tested against):
+the loader delivers the uint8 S x S squares (short side resized to S, centre square kept) and
+`batch_transform()` draws every sample's block from the step's generator and masks the whole batch
+at once. (`random_crop`, a random square along the long side of a non-square image, applies to
+`build_sample` only: the batched path sees the centre square.)
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from PIL import Image
 from torch import nn
 
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import PretextTask, TaskInfo
+from ssl_cli.pretext.base import PretextTask, TaskBatch, TaskInfo
 from ssl_cli.pretext.crops import square_crop, to_normalised_tensor
+from ssl_cli.pretext.on_batch import imagenet_normalise, integers, square_images
 from ssl_cli.pretext.heads import UpsamplingDecoder
 
 MASKS = ("center", "random-block")
@@ -81,6 +88,37 @@ class InpaintingTask(PretextTask):
         hidden = torch.zeros(1, self.image_size, self.image_size)
         hidden[:, top:top + side, left:left + side] = 1.0
         return pixels * (1.0 - hidden), torch.cat([pixels, hidden])
+
+    # --- on the batch (what training runs) ----------------------------------------------------------
+
+    def dataset(self, source, seed: int):
+        return square_images(source, self.image_size)
+
+    def batch_transform(self):
+        def masked(images: torch.Tensor, generator: torch.Generator) -> TaskBatch:
+            return self.batch_sample(images, self.draw(len(images), generator))
+
+        return masked
+
+    def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(B, 3) int64 (top, left, side) of every sample's hidden square, as `mask_square` draws them."""
+        size = self.image_size
+        if self.mask == "center":
+            side = size // 2
+            return torch.tensor([(size - side) // 2, (size - side) // 2, side], device=generator.device).repeat(batch, 1)
+        side = size // 4 + integers(size // 2 - size // 4 + 1, (batch, 1), generator)
+        corner = integers(size - side + 1, (batch, 2), generator)
+        return torch.cat([corner, side], dim=1)
+
+    def batch_sample(self, images: torch.Tensor, squares: torch.Tensor) -> TaskBatch:
+        """uint8 (B, 3, S, S), squares (B, 3) -> TaskBatch((B, 3, S, S) masked images, (B, 4, S, S) targets)."""
+        pixels = imagenet_normalise(images)
+        steps = torch.arange(self.image_size, device=images.device)
+        top, left, side = (squares[:, i].view(-1, 1) for i in range(3))
+        rows = (steps >= top) & (steps < top + side)  # (B, S)
+        columns = (steps >= left) & (steps < left + side)
+        hidden = (rows[:, :, None] & columns[:, None, :]).unsqueeze(1).to(pixels.dtype)  # (B, 1, S, S)
+        return TaskBatch(pixels * (1.0 - hidden), torch.cat([pixels, hidden], dim=1))
 
     def build_head(self, trunk_shape: tuple[int, int, int]) -> nn.Module:
         channels, height, _ = trunk_shape

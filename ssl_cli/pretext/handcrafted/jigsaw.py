@@ -30,6 +30,14 @@ second image. The target stays the permutation index: the network must solve the
 the tiles that remain. The second image follows the first one's grey-scale draw, so a colour
 mismatch does not point at the foreign tiles.
 
+On the batch (what training runs; `build_sample` above is the per-image definition it is tested
+against): the loader delivers uint8 squares of R = round(S * 256 / 225) px (the short side of step 1,
+centre square kept), and `batch_transform()` draws every sample's crop, grey-scale, tile offsets,
+permutation and replacements from the step's generator and cuts all B x T tiles with one gather. A
+replaced tile comes from another image of the same batch (a random one, never the sample itself
+unless the batch holds one image), at a random cell of that image's own random crop. For a
+non-square image the crop of step 1 moves inside its centre R x R square only.
+
 Head (the paper's context-free network): a shared fc6 per tile (flatten the trunk map -> Linear ->
 ReLU), the fc6 vectors concatenated in position order, fc7 (Linear -> ReLU -> Dropout), fc8 -> one
 logit per permutation. The paper's widths are 1024 and 4096 on AlexNet's 256 x 1 x 1 pool5 of a
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 
@@ -50,8 +59,10 @@ from PIL import Image
 from torch import nn
 
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import ClassificationTask, TaskInfo, per_image_normalise
+from ssl_cli.pretext.base import ClassificationTask, TaskBatch, TaskInfo, per_image_normalise
 from ssl_cli.pretext.crops import to_normalised_tensor
+from ssl_cli.pretext.on_batch import (cut_squares, imagenet_normalise, integers, other_images, pil_grey,
+                                      random_subsets, square_images)
 from ssl_cli.pretext.handcrafted.permutations import GRIDS, load_permutations, min_pairwise_hamming, select_permutations
 
 # The paper's geometry: 256 px short side, 225 px crop, 75 px cells, 64 px tiles.
@@ -119,6 +130,58 @@ def cut_tiles(image: Image.Image, image_size: int, grid: int, tile_size: int, rn
     pixels = to_normalised_tensor(crop)
     return torch.stack([pixels[:, top:top + tile_size, left:left + tile_size]
                         for top, left in tile_positions(image_size, grid, image_size // grid, tile_size, rng)])
+
+
+def cell_corners(image_size: int, grid: int, cell_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """(grid^2, 2) int64 (top, left) of every cell in an image_size crop, row-major, the grid centred."""
+    border = (image_size - grid * cell_size) // 2
+    cells = torch.arange(grid * grid, device=device)
+    return border + cell_size * torch.stack([cells // grid, cells % grid], dim=1)
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> float (B, 3, size, size) in [0, 255], bilinear (antialiased when shrinking)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images.float()
+    return torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=size < images.shape[-1])
+
+
+def batch_tiles(images: torch.Tensor, image_size: int, grid: int, tile_size: int, generator: torch.Generator,
+                permutations: torch.Tensor) -> torch.Tensor:
+    """`cut_tiles` on a batch, then shuffled: images (B, 3, R, R) uint8 (R >= image_size, the short side of
+    step 1) -> (B, T, 3, t, t) float32 with ImageNet mean/std, position i of sample b holding the tile of
+    cell permutations[b, i]; a random image_size crop and random tile offsets per sample (PIRL's tiles)."""
+    batch, cells, cell = len(images), grid * grid, image_size // grid
+    crop = integers(images.shape[-1] - image_size + 1, (batch, 1, 2), generator)
+    offsets = integers(cell - tile_size + 1, (batch, cells, 2), generator)
+    at = crop + cell_corners(image_size, grid, cell, images.device)[permutations] \
+        + torch.gather(offsets, 1, permutations[..., None].expand(-1, -1, 2))
+    sources = torch.arange(batch, device=images.device)[:, None].expand(batch, cells)
+    return imagenet_normalise(cut_squares(images, sources, at[..., 0], at[..., 1], tile_size))
+
+
+@dataclass(frozen=True)
+class PuzzleDraws:
+    """The random choices of a batch of B puzzles of T tiles (M = max_replaced), all int64 or bool tensors.
+
+    grey (B,): the sample (and its foreign tiles) is grey; crop (B, 2): (top, left) of the S x S crop in
+    the R x R square; offsets (B, T, 2): each cell's tile inside its cell; labels (B,): permutation index;
+    replaced (B, M): replacement slot m is used (the first 0..M slots of each sample); positions (B, M):
+    the position a slot overwrites; other (B,): the image of the batch the foreign tiles come from;
+    other_crop (B, 2), source_cells (B, M), other_offsets (B, M, 2): where in that image each one is cut.
+    """
+
+    grey: torch.Tensor
+    crop: torch.Tensor
+    offsets: torch.Tensor
+    labels: torch.Tensor
+    replaced: torch.Tensor
+    positions: torch.Tensor
+    other: torch.Tensor
+    other_crop: torch.Tensor
+    source_cells: torch.Tensor
+    other_offsets: torch.Tensor
 
 
 def _is_int(value: object) -> bool:
@@ -292,6 +355,55 @@ class JigsawTask(ClassificationTask):
                 raise ValueError(f"{self.name} with max_replaced > 0 needs a second image (needs_other_image)")
             other_tiles = self.cut_tiles(other, rng, grey)
         return self.build_from_tiles(tiles, rng, other_tiles)
+
+    # --- on the batch (what training runs) ----------------------------------------------------------
+
+    def base_size(self) -> int:
+        """R, the side of the uint8 squares the loader delivers: step 1's short side, round(S * 256 / 225)."""
+        return round(self.image_size * PAPER_RESIZE / PAPER_CROP)
+
+    def dataset(self, source, seed: int):
+        return square_images(source, self.base_size())
+
+    def batch_transform(self):
+        def puzzles(images: torch.Tensor, generator: torch.Generator) -> TaskBatch:
+            return self.batch_sample(images, self.draw(len(images), generator))
+
+        return puzzles
+
+    def draw(self, batch: int, generator: torch.Generator) -> PuzzleDraws:
+        """Every random choice of `batch` puzzles, from `generator` (on the batch's device)."""
+        device, cells, most = generator.device, self.cells, self.max_replaced
+        margin = self.base_size() - self.image_size + 1
+        grey = torch.rand(batch, generator=generator, device=device) < self.grayscale_prob
+        crop = integers(margin, (batch, 2), generator)
+        offsets = integers(self.cell_size - self.tile_px + 1, (batch, cells, 2), generator)
+        labels = integers(len(self.permutations), (batch,), generator)
+        count = integers(most + 1, (batch, 1), generator)
+        replaced = torch.arange(most, device=device) < count
+        return PuzzleDraws(grey, crop, offsets, labels, replaced, random_subsets(batch, cells, most, generator),
+                           other_images(batch, generator), integers(margin, (batch, 2), generator),
+                           random_subsets(batch, cells, most, generator),
+                           integers(self.cell_size - self.tile_px + 1, (batch, most, 2), generator))
+
+    def batch_sample(self, images: torch.Tensor, draws: PuzzleDraws) -> TaskBatch:
+        """uint8 (B, 3, R, R) -> TaskBatch((B, T, 3, t, t) tiles in permuted order, (B,) permutation indices):
+        steps 2-5 and tile replacement of `build_sample`, for the whole batch at once."""
+        batch, device = len(images), images.device
+        corners = cell_corners(self.image_size, self.grid, self.cell_size, device)
+        perms = torch.as_tensor(self.permutations, device=device)[draws.labels]  # (B, T): cell of each position
+        at = draws.crop[:, None] + corners[perms] + torch.gather(draws.offsets, 1, perms[..., None].expand(-1, -1, 2))
+        sources = torch.arange(batch, device=device)[:, None].repeat(1, self.cells)
+        if self.max_replaced:
+            rows = torch.arange(batch, device=device)[:, None].expand_as(draws.positions)[draws.replaced]
+            columns = draws.positions[draws.replaced]
+            foreign = draws.other_crop[:, None] + corners[draws.source_cells] + draws.other_offsets
+            at[rows, columns] = foreign[draws.replaced]
+            sources[rows, columns] = draws.other[rows]
+        tiles = cut_squares(images, sources, at[..., 0], at[..., 1], self.tile_px)
+        if self.grayscale_prob:
+            tiles = torch.where(draws.grey.view(-1, 1, 1, 1, 1), pil_grey(tiles), tiles)
+        return TaskBatch(per_image_normalise(imagenet_normalise(tiles)), draws.labels)
 
     def head_widths(self, trunk_shape: tuple[int, int, int]) -> tuple[int, int]:
         """(fc6, fc7) for a trunk map of shape (C, h, w): the options, or the defaults derived from it."""

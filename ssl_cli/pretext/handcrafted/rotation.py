@@ -8,6 +8,12 @@ Gidaris et al. put all 4 rotations of an image in the same batch; here each samp
 rotation, so every rotation of every image is seen equally often in expectation and the
 DataLoader stays one-sample-per-index like every other task.
 
+On the batch (what training runs; `build_sample` is the per-image definition it is tested against):
+the loader delivers the uint8 S x S squares (short side resized to S, centre square kept) and
+`batch_transform()` draws every sample's k from the step's generator and rotates each group of equal
+k with one `torch.rot90`. (`random_crop`, a random square along the long side of a non-square image,
+applies to `build_sample` only: the batched path sees the centre square.)
+
 Head: global average pool of the trunk map -> Linear(C, 4). It is deliberately weak so that the
 trunk, not the head, does the work (Gidaris et al. found the later conv blocks specialise to the
 task; a linear head keeps that specialisation inside the backbone that `ssl extract` reads).
@@ -23,8 +29,9 @@ from PIL import Image
 from torch import nn
 
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import ClassificationTask, TaskInfo
+from ssl_cli.pretext.base import ClassificationTask, TaskBatch, TaskInfo
 from ssl_cli.pretext.crops import square_crop, to_normalised_tensor
+from ssl_cli.pretext.on_batch import imagenet_normalise, integers, square_images
 
 ROTATIONS = 4
 
@@ -71,6 +78,27 @@ class RotationTask(ClassificationTask):
         pixels = to_normalised_tensor(square_crop(image, self.image_size, rng, self.random_crop))
         k = int(rng.integers(ROTATIONS))
         return rotate(pixels, k).contiguous(), torch.tensor(k, dtype=torch.int64)
+
+    # --- on the batch (what training runs) ----------------------------------------------------------
+
+    def dataset(self, source, seed: int):
+        return square_images(source, self.image_size)
+
+    def batch_transform(self):
+        def rotated(images: torch.Tensor, generator: torch.Generator) -> TaskBatch:
+            return self.batch_sample(images, integers(ROTATIONS, (len(images),), generator))
+
+        return rotated
+
+    def batch_sample(self, images: torch.Tensor, ks: torch.Tensor) -> TaskBatch:
+        """uint8 (B, 3, S, S), ks (B,) in 0..3 -> TaskBatch((B, 3, S, S) image b rotated by ks[b] x 90 degrees
+        counter-clockwise, ks)."""
+        pixels = imagenet_normalise(images)
+        out = torch.empty_like(pixels)
+        for k in range(ROTATIONS):
+            chosen = (ks == k).nonzero().squeeze(1)
+            out[chosen] = rotate(pixels[chosen], k)
+        return TaskBatch(out, ks)
 
     def build_head(self, trunk_shape: tuple[int, int, int]) -> nn.Module:
         return RotationHead(trunk_shape[0])
