@@ -24,6 +24,35 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+# What the training loop runs with, per device type, chosen by bench/speed.py's measurement (the figures are
+# in bench/README.md, "Memory format, precision, compilation"): channels_last won on CUDA and on this
+# project's x86 CPU (oneDNN's convolutions run NHWC natively: 1.2-1.4x on alexnet_bn_lowres/convnet_bn_lowres);
+# bf16 autocast on CUDA and on CPUs whose oneDNN has native bf16 (AVX512-BF16 or AMX), where it was about
+# 2x faster at the same accuracy; elsewhere a CPU emulates bf16 and loses.
+def training_channels_last(device: torch.device) -> bool:
+    return device.type in ("cuda", "cpu")
+
+
+def training_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and native_cpu_bf16()
+
+
+def native_cpu_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def training_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `bf16`, else full precision (the loop's precision)."""
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def prepare_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     module = module.to(device)
     if device.type == "cuda":

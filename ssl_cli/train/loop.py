@@ -30,7 +30,7 @@ from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.outputs import OutputState, plan_output
 from ssl_cli.artifacts.schema import Provenance
 from ssl_cli.data.batch_augment import step_generator
-from ssl_cli.device import autocast, resolve_device
+from ssl_cli.device import resolve_device, training_autocast, training_bf16, training_channels_last
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.train import distributed
@@ -55,6 +55,11 @@ class TrainOptions:
     device: str = "auto"
     workers: int = 2
     progress: bool = True
+    compile: bool = False  # torch.compile the network; the first step's compilation is reported and recorded
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for tests)
+    # None: the device's measured choice (device.training_channels_last / training_bf16, bench/README.md)
+    channels_last: bool | None = None
+    bf16: bool | None = None
 
 
 class TrainDataset(Protocol):
@@ -234,7 +239,9 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
         device = torch.device("cuda", group.local_rank)
     seed_everything(options.seed, options.deterministic)
     model = model.to(device)
-    if device.type == "cuda":
+    channels_last = training_channels_last(device) if options.channels_last is None else options.channels_last
+    bf16 = training_bf16(device) if options.bf16 is None else options.bf16
+    if channels_last:  # 4-d weights only; a step's inputs follow the weights' layout
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, options)
     per_rank = -(-len(dataset) // group.world)
@@ -248,6 +255,9 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
         reporter.info(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']}")
     trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if group.active else model
+    if options.compile:  # compiles at the first step; `model` (uncompiled, same parameters) is what is saved
+        trained = torch.compile(trained, backend=options.compile_backend)
+    compile_seconds: float | None = None
 
     total_steps = options.epochs * steps_per_epoch
     warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
@@ -278,9 +288,10 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
             loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=0 if getattr(dataset, "in_memory", False) else options.workers, pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(options.seed))
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, n with accuracy
+            # loss*n, correct, n, n with accuracy: float64 Python sums (no tensor made and added on the device a step)
+            sums = [0.0, 0.0, 0.0, 0.0]
             if start_step and state["sums"] is not None:
-                sums += state["sums"].to(device)
+                sums = [float(value) for value in state["sums"].tolist()]
             began = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]  # stays if the partial was saved after the epoch's last step
             trained.train()
@@ -298,7 +309,10 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                                                                         device))
                     context = StepContext(indices.to(device), epoch, epoch * steps_per_epoch + batch_index, total_steps,
                                           group)
-                    with autocast(device):
+                    first_compiled = options.compile and compile_seconds is None
+                    if first_compiled:
+                        compile_began = time.perf_counter()
+                    with training_autocast(device, bf16):
                         loss, accuracy = step(trained, inputs, targets, context)
                     loss_value = loss.item()
                     problem = divergence.problem(loss_value, context.step)
@@ -313,20 +327,29 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                     optimizer.step()
                     if after_step is not None:
                         after_step(context)
+                    if first_compiled:  # the first step compiles forward and backward
+                        compile_seconds = time.perf_counter() - compile_began
+                        reporter.info(f"torch.compile: the first step took {compile_seconds:.1f} s (compilation)")
                     n = len(targets)
-                    sums += torch.tensor([loss_value * n, (accuracy or 0.0) * n, n, n if accuracy is not None else 0],
-                                         dtype=torch.float64, device=device)
-                    skipped.update(dataset.sample_id(int(i)) for i, good in zip(indices, ok) if not good)
+                    sums[0] += loss_value * n
+                    sums[1] += (accuracy or 0.0) * n
+                    sums[2] += n
+                    sums[3] += n if accuracy is not None else 0
+                    if not bool(torch.as_tensor(ok).all()):  # one check a batch; ids only for replaced images
+                        skipped.update(dataset.sample_id(int(i)) for i, good in zip(indices, ok) if not good)
                     advance(n)
                     if distributed.any_rank(stop.is_set(), group, device):
-                        save(epoch, batch_index + 1, sums)
+                        save(epoch, batch_index + 1, torch.tensor(sums, dtype=torch.float64))
                         raise KeyboardInterrupt
-            distributed.all_reduce_sum(sums, group)
             seconds = time.perf_counter() - began
-            loss_sum, correct, count, count_acc = sums.tolist()
+            totals = torch.tensor(sums, dtype=torch.float64, device=device)
+            distributed.all_reduce_sum(totals, group)
+            loss_sum, correct, count, count_acc = totals.tolist()
             history.append({"epoch": epoch + 1, "loss": loss_sum / max(count, 1),
                             "accuracy": correct / count_acc if count_acc else None, "lr": lr,
                             "images_per_second": count / max(seconds, 1e-9), "seconds": seconds})
+            if options.compile and epoch == state["epoch"] and compile_seconds is not None:
+                history[-1]["compile_seconds"] = compile_seconds  # inside this epoch's seconds
             extra = epoch_end(epoch + 1, model) if epoch_end is not None else {}
             history[-1].update(extra)
             reporter.info(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}"

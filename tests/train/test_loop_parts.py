@@ -119,3 +119,73 @@ def test_batch_larger_than_data_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="lower --batch-size"):
         train(nn.Linear(8, 2), Blobs(4), step, TrainOptions(epochs=1, batch_size=8, lr=0.1, workers=0),
               tmp_path / "x.pt", provenance, lambda m: {"model": m.state_dict()})
+
+
+class ImageBlobs(Blobs):
+    """The blobs as (2, 4, 4) images, so that the loop's memory format and precision reach a convolution."""
+
+    def __getitem__(self, index):
+        x = torch.from_numpy(np.tile(self.x[index], 4)).view(2, 4, 4)
+        return x, torch.tensor(int(self.y[index])), index, True
+
+
+def run_conv(out: Path, epochs: int = 2, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    provenance = make_provenance("checkpoint", "test", {}, {"epochs": epochs}, [])
+    options = TrainOptions(epochs=epochs, batch_size=8, lr=0.1, seed=0, deterministic=True, workers=0, device="cpu",
+                           **kwargs)
+    return train(model, ImageBlobs(), step, options, out, provenance, lambda m: {"model": m.state_dict()})
+
+
+def interrupt_after(monkeypatch, steps: int) -> None:
+    """The loop saves `.partial` and stops after `steps` steps, as SIGINT would."""
+    import ssl_cli.train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.distributed.any_rank
+
+    def stop_after(flag, group, device):
+        calls["n"] += 1
+        return real(flag or calls["n"] == steps, group, device)
+
+    monkeypatch.setattr(loop.distributed, "any_rank", stop_after)
+
+
+@pytest.mark.parametrize("layout", [{"channels_last": True, "bf16": False}, {"channels_last": True, "bf16": True},
+                                    {"channels_last": False, "bf16": False}])
+def test_channels_last_and_bf16_on_cpu_resume_to_identical_weights(tmp_path, monkeypatch, layout):
+    reference = run_conv(tmp_path / "a.pt", **layout)
+    assert reference.history[-1]["loss"] < reference.history[0]["loss"]
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run_conv(tmp_path / "b.pt", **layout)
+    monkeypatch.undo()
+    assert run_conv(tmp_path / "b.pt", **layout).status == "resumed"
+    want = torch.load(tmp_path / "a.pt", weights_only=True)["model"]
+    got = torch.load(tmp_path / "b.pt", weights_only=True)["model"]
+    assert all(torch.equal(want[key], got[key]) for key in want)
+
+
+def test_channels_last_trains_the_same_network_as_contiguous(tmp_path):
+    """The memory format changes how weights are laid out, not what is learnt (up to float rounding)."""
+    last = torch.load(run_conv(tmp_path / "a.pt", channels_last=True, bf16=False).out, weights_only=True)["model"]
+    plain = torch.load(run_conv(tmp_path / "b.pt", channels_last=False, bf16=False).out, weights_only=True)["model"]
+    assert all(torch.allclose(last[key].float(), plain[key].float(), atol=1e-4) for key in last)
+
+
+def test_compiled_run_trains_reports_its_warm_up_and_resumes_to_identical_weights(tmp_path, monkeypatch):
+    # aot_eager: torch.compile's tracing and autograd split without inductor's C++ code generation, which takes
+    # 15-40 s even for this network on a busy 2-core machine (bench/speed.py measures inductor itself)
+    compiled = run(tmp_path / "a.pt", epochs=2, compile=True, compile_backend="aot_eager")
+    assert compiled.history[-1]["loss"] < compiled.history[0]["loss"]
+    assert compiled.history[0]["compile_seconds"] > 0 and "compile_seconds" not in compiled.history[1]
+    data = torch.load(tmp_path / "a.pt", weights_only=True)["model"]
+    assert not any(key.startswith("_orig_mod") for key in data)  # the plain module's names: loads anywhere
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", epochs=2, compile=True, compile_backend="aot_eager")
+    monkeypatch.undo()
+    assert run(tmp_path / "b.pt", epochs=2, compile=True, compile_backend="aot_eager").status == "resumed"
+    resumed = torch.load(tmp_path / "b.pt", weights_only=True)["model"]
+    assert all(torch.equal(data[key], resumed[key]) for key in data)
