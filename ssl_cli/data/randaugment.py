@@ -76,18 +76,20 @@ class BatchRandAugment:
         counts = torch.bincount(ops, minlength=len(OPS)).tolist()  # the one host sync of a round
         table = magnitudes(self.num_magnitude_bins, images.shape[2], images.shape[3])
         value = {op: table[op][self.magnitude] if table[op] else 0.0 for op in OPS}
+        # sorted by operation, each operation's images are one slice (a view, no gather per operation)
+        images, ops, negative = images[order], ops[order], negative[order]
         geometric = sum(counts[1:6])
-        pieces = [images[order[:counts[0]]]]  # Identity
+        pieces = [images[:counts[0]]]  # Identity
         start = counts[0]
         if geometric:
-            members = order[start:start + geometric]
-            pieces.append(warp(images[members], ops[members], negative[members], value))
+            block = slice(start, start + geometric)
+            pieces.append(warp(images[block], ops[block], negative[block], value))
         start += geometric
         for index in range(6, len(OPS)):
             if counts[index]:
-                members = order[start:start + counts[index]]
-                sign = torch.where(negative[members], -1.0, 1.0) if OPS[index] in SIGNED else None
-                pieces.append(apply_colour_op(OPS[index], images[members], value[OPS[index]], sign))
+                block = slice(start, start + counts[index])
+                sign = torch.where(negative[block], -1.0, 1.0) if OPS[index] in SIGNED else None
+                pieces.append(apply_colour_op(OPS[index], images[block], value[OPS[index]], sign))
             start += counts[index]
         return torch.cat(pieces)[torch.argsort(order)]
 
@@ -129,9 +131,10 @@ def warp(images: torch.Tensor, ops: torch.Tensor, negative: torch.Tensor, value:
                                       device=images.device).unsqueeze_(-1))
     base[..., 2].fill_(1)
     scale = torch.tensor([0.5 * width, 0.5 * height], device=images.device)
-    grid = base.view(1, height * width, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale)
-    warped = F.grid_sample(images.float(), grid.view(n, height, width, 2), mode="nearest", padding_mode="zeros",
-                           align_corners=False)
+    # one (H W, 3) x (3, 2 n) product for every image's grid (n small products cost more on a CPU)
+    columns = (theta.transpose(1, 2) / scale).permute(1, 0, 2).reshape(3, 2 * n)
+    grid = base.view(height * width, 3).mm(columns).view(height, width, n, 2).permute(2, 0, 1, 3)
+    warped = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return warped.round().to(torch.uint8)
 
 
@@ -169,11 +172,13 @@ def grey(images: torch.Tensor) -> torch.Tensor:
 
 
 def blurred(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, C, H, W) -> the image smoothed by PIL's SMOOTH kernel inside a 1-pixel border, which is kept."""
-    kernel = torch.ones((3, 3), device=images.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / kernel.sum()).expand(images.shape[1], 1, 3, 3)
-    inner = F.conv2d(images.float(), kernel, groups=images.shape[1]).round().to(torch.uint8)
+    """uint8 (n, C, H, W) -> the image smoothed by PIL's SMOOTH kernel (1 1 1 / 1 5 1 / 1 1 1, / 13) inside a
+    1-pixel border, which is kept, rounded. The sum S of the 3x3 box plus 4 x the centre is an integer and
+    S / 13 is never within 1/26 of a half-integer, so any float error far below that (torchvision's
+    convolution, this box filter) rounds to the same value: the box filter costs less than a grouped conv."""
+    x = images.float()
+    box = F.avg_pool2d(x, 3, stride=1) * 9
+    inner = ((box + 4 * x[..., 1:-1, 1:-1]) / 13).round().to(torch.uint8)
     result = images.clone()
     result[..., 1:-1, 1:-1] = inner
     return result
@@ -190,18 +195,15 @@ def autocontrast(images: torch.Tensor) -> torch.Tensor:
 
 
 def equalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, C, H, W) -> each channel's histogram equalised (torchvision's / PIL's ImageOps.equalize).
-
-    Cumulative histograms come from sorting each channel and counting with `searchsorted`, which is
-    deterministic on every device (a scatter histogram is not on CUDA)."""
+    """uint8 (n, C, H, W) -> each channel's histogram equalised (torchvision's / PIL's ImageOps.equalize)."""
     n, channels, height, width = images.shape
     rows = images.reshape(n * channels, height * width)
-    ordered = rows.sort(dim=1).values.to(torch.int32).contiguous()
-    levels = torch.arange(256, dtype=torch.int32, device=images.device).expand(len(rows), -1).contiguous()
-    cumulative = torch.searchsorted(ordered, levels, right=True)  # (rows, 256): pixels <= level
-    below_top = torch.searchsorted(ordered, ordered[:, -1:].contiguous(), right=False)  # pixels under the brightest value
-    step = below_top // 255  # all but the last non-empty bin, / 255
-    lut = (cumulative + step // 2) // step.clamp(min=1)
+    offsets = torch.arange(len(rows), device=images.device).unsqueeze(1) * 256
+    # one histogram per channel of every image; bincount without weights is deterministic on every device
+    histogram = torch.bincount((rows.long() + offsets).flatten(), minlength=len(rows) * 256).view(len(rows), 256)
+    brightest = histogram.gather(1, rows.amax(1, keepdim=True).long())
+    step = (height * width - brightest) // 255  # all but the last non-empty bin, / 255
+    lut = (histogram.cumsum(1) + step // 2) // step.clamp(min=1)
     lut = F.pad(lut, [1, 0])[:, :-1].clamp(0, 255)
     equalised = lut.gather(1, rows.long()).to(torch.uint8)
     return torch.where(step == 0, rows, equalised).view(n, channels, height, width)
