@@ -8,12 +8,13 @@ store), this prints, measured interleaved and repeated in one run (medians):
   bare      = images/s of a bare PyTorch step of the same network (the task's head included) on the
               task's own inputs: random tensors of the sample's shape already in memory, the tool's
               optimizer, forward + loss + backward + step, nothing else
-  tool      = images/s `ssl pretext` reports for its last epoch (`stages.pretext.run`, the real loop)
+  tool      = images/s `ssl pretext` reports (`stages.pretext.run`, the real loop), median of its epochs
+              after the first
   per-image = the same with the per-image sample path (`PretextDataset`: `build_sample` in --workers
               DataLoader processes, PIL/numpy per image), i.e. how the tasks ran before issue 24
   ratio     = tool / bare (target >= 0.8)
 
-    python bench/pretext_speed.py                  # ~5 minutes on 2 cores
+    python bench/pretext_speed.py                  # ~15 minutes on 2 cores
     python bench/pretext_speed.py --quick          # 1 repeat, smaller epochs
     python bench/pretext_speed.py --tasks jigsaw rotation --device cuda
 """
@@ -41,7 +42,7 @@ from ssl_cli.pretext.base import PretextNetwork, PretextTask
 from ssl_cli.pretext.dataset import PretextDataset
 from ssl_cli.pretext.registry import task_class
 from ssl_cli.stages import pack, pretext
-from ssl_cli.train.loop import make_optimizer
+from ssl_cli.train.loop import make_optimizer, metrics_path
 from ssl_cli.train.recipe import train_options, with_arch_recipe
 
 ARCH = "alexnet_bn_lowres"
@@ -74,12 +75,24 @@ def config(task_name: str, data: Path, out: Path, args: argparse.Namespace) -> P
 
 
 def tool_rate(cfg: PretextConfig) -> float:
-    """images/s of the last epoch of a real `ssl pretext` run."""
-    result = pretext.run(cfg)
-    return float(result.summary["images_per_second"])
+    """images/s of a real `ssl pretext` run: the median over its epochs after the first (warm-up)."""
+    pretext.run(cfg)
+    rows = [json.loads(line) for line in metrics_path(cfg.out).read_text().splitlines() if line.strip()]
+    return statistics.median(row["images_per_second"] for row in rows[1:] or rows)
 
 
-def bare_rate(cfg: PretextConfig, steps: int) -> float:
+def loop_choices(device: torch.device):
+    """(channels_last, a maker of the autocast context) as the training loop picks them for `device`, so the bare
+    step runs with the same memory format and precision as the tool (older loops: both on CUDA only)."""
+    from ssl_cli import device as devices
+
+    if hasattr(devices, "training_channels_last"):
+        bf16 = devices.training_bf16(device)
+        return devices.training_channels_last(device), lambda: devices.training_autocast(device, bf16)
+    return device.type == "cuda", lambda: autocast(device)
+
+
+def bare_rate(cfg: PretextConfig, steps: int, blocks: int) -> float:
     """images/s of forward + loss + backward + step on random inputs of the task's sample shape."""
     cfg = with_arch_recipe(cfg)
     source = open_source(cfg.data)
@@ -89,15 +102,16 @@ def bare_rate(cfg: PretextConfig, steps: int) -> float:
     inputs = torch.randn((cfg.batch_size, *samples[0][0].shape), generator=generator)
     targets = torch.stack([sample[1] for sample in samples])
     device = resolve_device(cfg.device)
+    channels_last, precision = loop_choices(device)
     torch.manual_seed(0)
     network = PretextNetwork(build_model(cfg.arch), task).to(device).train()
-    if device.type == "cuda":
+    if channels_last:
         network = network.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(network, train_options(cfg, len(source)))
     inputs, targets = inputs.to(device), targets.to(device)
 
     def one_step() -> None:
-        with autocast(device):
+        with precision():
             loss = task.loss(network(inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,14 +119,17 @@ def bare_rate(cfg: PretextConfig, steps: int) -> float:
 
     for _ in range(2):
         one_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    began = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * cfg.batch_size / (time.perf_counter() - began)
+    rates = []
+    for _ in range(blocks):  # as many blocks as the tool's timed epochs, the median of them
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(steps * cfg.batch_size / (time.perf_counter() - began))
+    return statistics.median(rates)
 
 
 def main() -> None:
@@ -120,8 +137,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20, help="steps per epoch (and timed bare steps)")
-    parser.add_argument("--epochs", type=int, default=2, help="the last one is timed")
+    parser.add_argument("--steps", type=int, default=8, help="steps per epoch (and per timed block of bare steps)")
+    parser.add_argument("--epochs", type=int, default=4, help="the first is warm-up, the median of the rest counts")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
@@ -129,7 +146,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write {'rows': [...]} here")
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.steps = 1, 10
+        args.repeats, args.steps, args.epochs = 1, 5, 3
     variants = ["bare", "tool"] + ([] if args.no_per_image else ["per-image"])
     figures: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +160,7 @@ def main() -> None:
                 for variant in variants[shift:] + variants[:shift]:
                     cfg = config(task_name, work / "images.h5", work / f"{task_name}.pt", args)
                     if variant == "bare":
-                        rate = bare_rate(cfg, args.steps)
+                        rate = bare_rate(cfg, args.steps, max(1, args.epochs - 1))
                     elif variant == "tool":
                         rate = tool_rate(cfg)
                     else:
