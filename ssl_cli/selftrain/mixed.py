@@ -35,8 +35,9 @@ class MixedDataset(Dataset):
         if ratio and not len(pseudo_indices):
             raise ValueError("a ratio of pseudo-labelled images needs at least one pseudo-labelled image")
         self.labelled, self.labelled_indices = labelled, labelled_indices
-        self.labels = np.eye(classes, dtype=np.float32)[labels]
-        self.unlabelled, self.pseudo_indices, self.pseudo_targets = unlabelled, pseudo_indices, pseudo_targets
+        self.labels = torch.eye(classes)[torch.as_tensor(labels, dtype=torch.int64)]  # (L, C) one-hot
+        self.unlabelled, self.pseudo_indices = unlabelled, pseudo_indices
+        self.pseudo_targets = torch.tensor(np.asarray(pseudo_targets, dtype=np.float32).reshape(len(pseudo_indices), classes))
         self.ratio, self.seed = ratio, seed
         self.labelled_images = ResizedImages(labelled, labelled_indices, labels, size, memory_budget // 2)
         self.pseudo_images = ResizedImages(unlabelled, pseudo_indices, np.zeros(len(pseudo_indices), np.int64), size,
@@ -47,13 +48,13 @@ class MixedDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
-        self.labelled_order = rng.permutation(len(self.labelled_indices))
-        self.pseudo_order = rng.permutation(len(self.pseudo_indices))
+        self.labelled_order = rng.permutation(len(self.labelled_indices)).tolist()  # lists: an item indexes them
+        self.pseudo_order = rng.permutation(len(self.pseudo_indices)).tolist()
 
     def members(self, group: int) -> tuple[int, list[int]]:
         """(labelled position, pseudo positions) of one group in this epoch."""
-        labelled = int(self.labelled_order[group % len(self.labelled_order)])
-        pseudo = [int(self.pseudo_order[(group * self.ratio + j) % len(self.pseudo_order)]) for j in range(self.ratio)]
+        labelled = self.labelled_order[group % len(self.labelled_order)]
+        pseudo = [self.pseudo_order[(group * self.ratio + j) % len(self.pseudo_order)] for j in range(self.ratio)]
         return labelled, pseudo
 
     @property
@@ -70,10 +71,12 @@ class MixedDataset(Dataset):
     def __getitem__(self, group: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
         labelled, pseudo = self.members(group)
         image, used = self.labelled_images.image(labelled)
+        if not pseudo:  # a group of one (round 0): views; the loader's collate makes the only copy
+            return image.unsqueeze(0), self.labels[used:used + 1], group, used == labelled
         images, targets, ok = [image], [self.labels[used]], used == labelled
         for position in pseudo:
             image, used = self.pseudo_images.image(position)
             images.append(image)
             targets.append(self.pseudo_targets[used])
             ok &= used == position
-        return torch.stack(images), torch.from_numpy(np.stack(targets)), group, ok
+        return torch.stack(images), torch.stack(targets), group, ok
