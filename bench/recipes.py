@@ -71,6 +71,11 @@ ROWS = [  # in the order they run: the rows that decide a default first
     Row("width 0.5", "--width 0.5"),
     Row("width 1.0", "--width 1.0"),
     Row("30 epochs", "--epochs 30"),
+    # issue 24: the batch size, AdamW's learning rate scaled by the square-root rule (lr x sqrt(B / 64); Malladi
+    # et al. 2022 derive it for adaptive optimizers; the linear rule is SGD's); the epochs stay (same images seen)
+    Row("batch 128 (lr 0.00283 by the sqrt rule)", "--batch-size 128 --lr 0.00283"),
+    Row("batch 256 (lr 0.004 by the sqrt rule)", "--batch-size 256 --lr 0.004"),
+    Row("convnet_bn_lowres batch 256 (lr 0.004 by the sqrt rule)", "--arch convnet_bn_lowres --batch-size 256 --lr 0.004"),
 ]
 ALL_LABEL_ROWS = [
     Row("all labels: defaults", "", None),
