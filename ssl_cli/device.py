@@ -1,4 +1,5 @@
-"""Where tensors run and at what precision: CUDA with bf16 autocast and channels_last when present."""
+"""Where tensors run and at what precision: CUDA when present; training in channels_last with bf16 autocast
+where measured to win (CUDA, and CPUs with native bf16), inference (extract, finetune's embedding) in bf16 on CUDA only."""
 
 from __future__ import annotations
 
