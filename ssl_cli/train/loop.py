@@ -1,11 +1,12 @@
 """The training loop shared by every training stage.
 
-Deterministic seeding; channels_last and bf16 autocast where they were measured to win (CUDA, and
-CPUs with native bf16: `device.training_channels_last` / `training_bf16`); torch.compile with
-`--compile`; `<out>.partial` written after every epoch and when SIGINT/SIGTERM arrives (then the
-process stops); a re-run resumes from the partial at the exact step, with model, optimizer, RNG and metric history restored, and ends with the same
-weights as an uninterrupted run (in deterministic mode). `<stem>.metrics.jsonl` sits beside the
-checkpoint. Under torchrun it wraps the model in DDP; rank 0 alone writes.
+Deterministic seeding; channels_last and bf16 autocast where they were measured to win (CUDA, and CPUs
+with native bf16: `device.training_channels_last` / `training_bf16`); torch.compile with `--compile`;
+`<out>.partial` written after every epoch and when SIGINT/SIGTERM arrives (then the process stops); a
+re-run resumes from the partial at the exact step, with model, optimizer, RNG and metric history
+restored, and ends with the same weights as an uninterrupted run (in deterministic mode).
+`<stem>.metrics.jsonl` sits beside the checkpoint. Under torchrun it wraps the model in DDP; rank 0
+alone writes.
 """
 
 from __future__ import annotations
