@@ -380,7 +380,8 @@ def archs() -> None:
 
     for name in arch_names():
         spec = get_arch(name)
-        ui.out.print(f"[bold]{name}[/bold] ({spec.description}; input {spec.input_size}px): {', '.join(spec.layers)}")
+        ui.out.print(f"[bold]{name}[/bold] ({spec.description}; input {spec.input_size}px): {', '.join(spec.layers)}",
+                     soft_wrap=True)
     ui.out.print("Small images (28-32 px): convnet_bn_lowres is the best from-scratch net per unit of compute "
                  "(bench/recipes.py: 0.84-0.85 on Fashion-MNIST from 100 labels per class); alexnet_bn_lowres is the "
                  "AlexNet of the knowledge-transfer recipe with batch norm, a point behind; vgg16_bn_lowres and "

@@ -28,11 +28,12 @@ class RichReporter:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
 
+    # soft_wrap: a message is never broken inside a word, so a path in it can be copied whole
     def info(self, message: str) -> None:
-        console.print(message)
+        console.print(message, soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        console.print(f"[yellow]warning:[/yellow] {message}")
+        console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
     @contextmanager
     def progress(self, description: str, total: int | None, unit: str = "img",

@@ -19,7 +19,7 @@ import torch
 
 from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.schema import Provenance, make_provenance
-from ssl_cli.config import SupervisedConfig
+from ssl_cli.config import NO_EVALUATION, SupervisedConfig
 from ssl_cli.data.resized import ResizedImages
 from ssl_cli.data.sources import ImageSource, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -49,7 +49,9 @@ def arch_kwargs(cfg: SupervisedConfig, classes: int) -> dict[str, Any]:
 
 
 def evaluation_source(cfg: SupervisedConfig) -> ImageSource | None:
-    """The labelled evaluation images, or None when the training source has no test split of its own."""
+    """The labelled evaluation images, or None for `--eval-data none` or a training source without a test split."""
+    if cfg.eval_data == NO_EVALUATION:
+        return None
     try:
         spec = eval_source_spec(cfg.data, cfg.eval_data)
     except UserError:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_cli.config import SupervisedConfig
+from ssl_cli.config import SupervisedConfig, resolve
 from ssl_cli.data.batch_augment import BatchAugment, step_generator
 from ssl_cli.data.toy import write_toy_folder
 from ssl_cli.errors import UserError
@@ -87,6 +87,15 @@ def test_bad_inputs_are_one_line_errors(toy_dir, tmp_path, cli):
     assert result.exit_code == 2 and "--labels-per-class 1000" in result.output
     # a folder has no test split: training still runs, the evaluation is simply not made
     assert train.evaluation_source(SupervisedConfig(data=str(toy_dir), out=tmp_path / "m.pt", **FAST)) is None
+    # --eval-data none says so outright, even for a source with a test split; the command line accepts it
+    cfg = resolve(SupervisedConfig, None, {"data": "fashion-mnist:/nowhere:train", "eval_data": "none",
+                                          "out": tmp_path / "m.pt", **FAST})
+    assert train.evaluation_source(cfg) is None
+    with pytest.raises(UserError, match="--eval-data"):
+        resolve(SupervisedConfig, None, {"data": str(toy_dir), "eval_data": "nowhere", "out": tmp_path / "m.pt",
+                                         **FAST}, check_inputs=True)
+    assert resolve(SupervisedConfig, None, {"data": str(toy_dir), "eval_data": "none", "out": tmp_path / "m.pt",
+                                            **FAST}, check_inputs=True).eval_data == "none"
     with pytest.raises(UserError, match="--eval-data has class"):
         eight = tmp_path / "eight"
         write_toy_folder(eight, n=16, classes=8, size=32, seed=0)
