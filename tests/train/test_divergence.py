@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from rows import InMemoryRows, classification_step
 from torch import nn
 
 from ssl_cli.artifacts.schema import make_provenance
@@ -15,7 +16,7 @@ from ssl_cli.train.loop import DIVERGENCE_FACTOR, DivergenceCheck, TrainOptions,
 CHANCE = math.log(2)
 
 
-class Blobs:
+class Blobs(InMemoryRows):
     """Two gaussian blobs, 64 rows; (inputs, target, index, ok) like every training dataset."""
 
     def __init__(self):
@@ -23,22 +24,8 @@ class Blobs:
         self.y = torch.randint(0, 2, (64,), generator=generator)
         self.x = torch.randn(64, 8, generator=generator) + 2.0 * self.y[:, None]
 
-    def __len__(self):
-        return len(self.y)
 
-    def __getitem__(self, index):
-        return self.x[index], self.y[index], index, True
-
-    def set_epoch(self, epoch):
-        pass
-
-    def sample_id(self, index):
-        return str(index)
-
-
-def step(model, inputs, targets, context=None):
-    output = model(inputs)
-    return nn.functional.cross_entropy(output, targets), (output.argmax(1) == targets).float().mean().item()
+step = classification_step
 
 
 def test_check_trips_on_a_mean_far_above_chance_but_not_on_the_first_step_or_in_warm_up():

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rows import InMemoryRows, classification_step
 from torch import nn
 
 from ssl_cli.artifacts.schema import make_provenance
@@ -40,30 +41,17 @@ def test_uniform_weights_balance_classes():
     assert abs(drawn.float().mean().item() - 0.5) < 0.15
 
 
-class Blobs:
+class Blobs(InMemoryRows):
     """Two gaussian blobs; (inputs, target, index, ok) like every training dataset."""
 
     def __init__(self, n: int = 64):
         rng = np.random.default_rng(0)
         self.y = rng.integers(0, 2, n)
-        self.x = (rng.normal(size=(n, 8)) + 2.0 * self.y[:, None]).astype(np.float32)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, index):
-        return torch.from_numpy(self.x[index]), torch.tensor(int(self.y[index])), index, True
-
-    def set_epoch(self, epoch):
-        pass
-
-    def sample_id(self, index):
-        return str(index)
+        self.x = torch.from_numpy((rng.normal(size=(n, 8)) + 2.0 * self.y[:, None]).astype(np.float32))
+        self.y = torch.from_numpy(self.y).long()
 
 
-def step(model, inputs, targets, context=None):
-    output = model(inputs)
-    return nn.functional.cross_entropy(output, targets), (output.argmax(1) == targets).float().mean().item()
+step = classification_step
 
 
 def run(out: Path, epochs: int = 4, **kwargs):

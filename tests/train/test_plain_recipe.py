@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from rows import InMemoryRows, classification_step
 from torch import nn
 
 from ssl_cli.artifacts.schema import make_provenance
@@ -41,7 +42,7 @@ def test_a_chosen_recipe_and_other_archs_are_left_alone(flags):
     assert with_arch_recipe(retrain) is retrain
 
 
-class RedderImages:
+class RedderImages(InMemoryRows):
     """64 noisy 32 px images; class 1 is redder. (inputs, target, index, ok) like every training dataset."""
 
     def __init__(self):
@@ -51,22 +52,8 @@ class RedderImages:
         colour[:, 0] += 0.5 * self.y[:, None, None]
         self.x = (colour + 0.2 * torch.randn(64, 3, 32, 32, generator=generator) - 0.5) / 0.25
 
-    def __len__(self):
-        return len(self.y)
 
-    def __getitem__(self, index):
-        return self.x[index], self.y[index], index, True
-
-    def set_epoch(self, epoch):
-        pass
-
-    def sample_id(self, index):
-        return str(index)
-
-
-def step(model, inputs, targets, context=None):
-    logits = model(inputs)
-    return nn.functional.cross_entropy(logits, targets), (logits.argmax(1) == targets).float().mean().item()
+step = classification_step
 
 
 def test_the_plain_vgg16_default_recipe_learns_below_chance(tmp_path):
