@@ -77,20 +77,10 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
 @pytest.mark.parametrize("stop_at", [5, 8])  # mid-epoch; after the epoch's last step (8 steps an epoch)
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch, stop_at):
     reference = torch.load(run(tmp_path / "a.pt").out, weights_only=True)["model"]
-    # Interrupt after `stop_at` steps, as SIGINT would: the loop saves `.partial` and stops.
-    import ssl_cli.train.loop as loop
-
-    calls = {"n": 0}
-    real = loop.distributed.any_rank
-
-    def stop_after(flag, group, device):
-        calls["n"] += 1
-        return real(flag or calls["n"] == stop_at, group, device)
-
-    monkeypatch.setattr(loop.distributed, "any_rank", stop_after)
+    interrupt_after(monkeypatch, stop_at)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b.pt")
-    monkeypatch.setattr(loop.distributed, "any_rank", real)
+    monkeypatch.undo()  # the real any_rank again
     assert (tmp_path / "b.pt.partial").exists() and not (tmp_path / "b.pt").exists()
     partial = torch.load(tmp_path / "b.pt.partial", weights_only=True)
     assert (partial["epoch"], partial["step"]) == (0, stop_at)
