@@ -1,7 +1,9 @@
 """Colour spaces: sRGB <-> CIE Lab (D65), and the lightness input a colorization trunk sees.
 
 Data-level conversions used by the colorization task (its samples) and by `data.transforms` (the
-input `ssl extract` feeds such a trunk), so neither reaches into the other.
+input `ssl extract` feeds such a trunk), so neither reaches into the other. `rgb_to_lab` is the
+per-image numpy definition; `rgb_to_lab_batch` is the same conversion in torch on channel-first
+batches (what the colorization task runs on the training device), equal to it within float rounding.
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     f = np.where(xyz > _DELTA ** 3, np.cbrt(xyz), xyz / (3 * _DELTA ** 2) + 4.0 / 29.0)
     return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
                      200.0 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def rgb_to_lab_batch(rgb: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """sRGB (..., 3, H, W), uint8 in [0, 255] or float in [0, 1] -> CIE Lab (..., 3, H, W) in `dtype`.
+
+    `rgb_to_lab` channel-first and in torch: float64 by default, so it agrees with the numpy conversion to
+    rounding (about 1e-13) and the ab classes cut from it are the same except where a value sits on a bin
+    edge (grey pixels: a = b = 0 up to rounding noise, which either side of 0 it falls on is not defined).
+    """
+    values = rgb.to(dtype) / 255.0 if rgb.dtype == torch.uint8 else rgb.to(dtype)
+    linear = torch.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
+    matrix = torch.as_tensor(_RGB_TO_XYZ / _WHITE[:, None], dtype=dtype, device=rgb.device)
+    xyz = torch.einsum("ij,...jhw->...ihw", matrix, linear)
+    cube_root = xyz.clamp(min=_DELTA ** 3) ** (1.0 / 3.0)
+    f = torch.where(xyz > _DELTA ** 3, cube_root, xyz / (3 * _DELTA ** 2) + 4.0 / 29.0)
+    fx, fy, fz = f.unbind(-3)
+    return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=-3)
 
 
 def lab_to_rgb(lab: np.ndarray) -> np.ndarray:

@@ -3,8 +3,8 @@
 A task splits into the parts that run in different places:
 - `build_sample(image, rng, other)` runs in DataLoader workers: PIL image in, (inputs, target) tensors out;
   all randomness comes from `rng`, seeded per (seed, epoch, index) by the loop, so samples are
-  reproducible in any worker and after a resume; jigsaw, jigsaw++, context, inpainting and rotation
-  train from the same sample cut on the batch instead (`dataset()` + `batch_transform()`, see
+  reproducible in any worker and after a resume; jigsaw, jigsaw++, context, colorization, inpainting and
+  rotation train from the same sample cut on the batch instead (`dataset()` + `batch_transform()`, see
   `pretext.on_batch`) and keep `build_sample` as its per-image definition;
 - `build_head(trunk_shape)` makes the task's trainable head;
 - `forward(trunk, head, inputs)` runs on the device with batched tensors;

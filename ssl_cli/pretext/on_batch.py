@@ -3,9 +3,10 @@
 The loader only decodes and resizes: every image becomes a uint8 (3, R, R) square (short side resized
 to R, centre square kept, `ResizedImages`; held in memory when the set fits, so an epoch costs an index,
 not a decode). The task's `batch_transform()` then cuts the whole batch's tiles, patches, masks or
-rotations with batched indexing, every random choice drawn per sample from the generator the loop
-seeds by (seed, epoch, step): a resumed run replays the same samples. Each task keeps its per-image
-`build_sample` as the definition the batched sample is tested against.
+rotations with batched indexing (colorization converts the whole batch to Lab at once), every random
+choice drawn per sample from the generator the loop seeds by (seed, epoch, step): a resumed run replays
+the same samples. Each task keeps its per-image `build_sample` as the definition the batched sample is
+tested against.
 
 A batch built here carries its own targets (`TaskBatch`): the loader's targets are placeholders.
 """

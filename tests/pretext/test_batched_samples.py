@@ -9,9 +9,13 @@ import torch
 from PIL import Image
 
 from ssl_cli.data.batch_augment import step_generator
+from ssl_cli.data.colour import rgb_to_lab
 from ssl_cli.data.resized import to_uint8
+from ssl_cli.data.toy import draw_toy_image
 from ssl_cli.pretext.base import TaskBatch
 from ssl_cli.pretext.contrastive.pirl import PIRLTask
+from ssl_cli.pretext.crops import square_crop
+from ssl_cli.pretext.handcrafted.colorization import AB_RANGE, ColorizationTask
 from ssl_cli.pretext.handcrafted.context import ContextTask
 from ssl_cli.pretext.handcrafted.inpainting import InpaintingTask
 from ssl_cli.pretext.handcrafted.jigsaw import JigsawTask, batch_tiles, cut_tiles, shuffle_tiles
@@ -172,6 +176,48 @@ def test_rotation_by_k_is_torch_rot90_and_the_per_image_sample():
     upright = task.batch_sample(as_batch(images, 16), torch.zeros(8, dtype=torch.int64)).inputs
     for b in range(8):
         assert torch.equal(batch.inputs[b], torch.rot90(upright[b], int(ks[b]), dims=(-2, -1)))
+
+
+@pytest.mark.parametrize("options, size", [({}, 32), ({"bins": 8, "output_stride": 2}, 40),
+                                           ({"output_stride": 1}, 16)])
+def test_colorization_samples_equal_the_per_image_samples(options, size):
+    task = ColorizationTask(image_size=size, **options)
+    # 40 px noise (resized to the task's size by the loader here and by square_crop per image), a toy
+    # image (smooth colour on a grey background) and a grey square
+    toy, grey = Image.fromarray(draw_toy_image(1, 1, 4, 40, 0)), Image.new("RGB", (40, 40), (90, 90, 90))
+    images = noise_images(5, 40) + [toy, grey]
+    batch = task.batch_sample(as_batch(images, size))
+    t = task.target_size()
+    assert batch.inputs.shape == (7, 3, size, size) and batch.inputs.dtype == torch.float32
+    assert batch.targets.shape == (7, t, t) and batch.targets.dtype == torch.int64
+    width = 2 * AB_RANGE / task.bins
+    for b, image in enumerate(images):
+        inputs, target = task.build_sample(image, Replay(0, 0))  # square_crop of a square: offsets 0, 0
+        assert torch.allclose(batch.inputs[b], inputs, atol=1e-6), f"sample {b}"
+        # The same classes, except where a block's mean ab sits on a bin edge to rounding: grey (a = b = 0
+        # up to noise of 1e-14 either side of the edge at 0), where either neighbouring class is as right.
+        lab = rgb_to_lab(np.asarray(square_crop(image, size, Replay(0, 0), True)))
+        ab = lab[..., 1:].reshape(t, task.output_stride, t, task.output_stride, 2).mean(axis=(1, 3))
+        position = (ab + AB_RANGE) / width
+        on_edge = torch.from_numpy((np.abs(position - np.round(position)) < 1e-9).any(axis=-1))
+        assert b >= 5 or not on_edge.any(), "noise blocks never sit on an edge"
+        assert torch.equal(batch.targets[b][~on_edge], target[~on_edge]), f"sample {b}"
+        cells = [torch.stack([classes // task.bins, classes % task.bins]) for classes in (batch.targets[b], target)]
+        assert (cells[0] - cells[1]).abs().max() <= 1  # on an edge: a neighbouring cell
+    grey = batch.targets[-1].unique().tolist()
+    centre = task.bins // 2
+    assert set(grey) <= {a * task.bins + c for a in (centre - 1, centre) for c in (centre - 1, centre)}
+
+
+def test_colorization_batch_is_the_same_for_every_step():
+    """No draw is random on a square: the sample is a pure function of the images, whatever the generator."""
+    task = ColorizationTask(image_size=32)
+    images = as_batch(noise_images(8, 32), 32)
+    first = task.batch_transform()(images, step_generator(5, 1, 3, CPU))
+    for generator in (step_generator(5, 1, 3, CPU), step_generator(5, 2, 4, CPU), step_generator(6, 0, 0, CPU)):
+        again = ColorizationTask(image_size=32).batch_transform()(images, generator)
+        assert isinstance(again, TaskBatch)
+        assert torch.equal(first.inputs, again.inputs) and torch.equal(first.targets, again.targets)
 
 
 def test_pirl_tiles_equal_cut_tiles_of_the_same_draws():

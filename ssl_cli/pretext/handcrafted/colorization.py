@@ -18,6 +18,15 @@ loss is not class-rebalanced; both keep the task a plain per-pixel cross-entropy
 The head is a small decoder: 1x1 conv to `DECODER_WIDTH` channels, learned x2 up-convolutions
 until the map is about the target size, a 3x3 conv to bins^2 logits, then an exact bilinear
 resize to (S / output_stride)^2 so any trunk map size works.
+
+On the batch (what training runs; `build_sample` is the per-image definition it is tested against):
+the loader delivers the uint8 S x S squares (short side resized to S, centre square kept) and
+`batch_transform()` converts the whole batch to Lab in torch (`data.colour.rgb_to_lab_batch`, float64
+like the numpy definition), takes the lightness input and area-downsamples and quantises ab with the
+same arithmetic. No draw is random: a square image has one S x S square, so the sample does not
+depend on the step's generator. (`random_crop`, a random square along the long side of a non-square
+image, applies to `build_sample` only: the batched path sees the centre square, as rotation's and
+inpainting's do.)
 """
 
 from __future__ import annotations
@@ -31,12 +40,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ssl_cli.data.colour import lightness_input, rgb_to_lab
+from ssl_cli.data.colour import lightness_input, rgb_to_lab, rgb_to_lab_batch
 from ssl_cli.data.resized import first_images, is_grey
 from ssl_cli.errors import UserError
-from ssl_cli.pretext.base import PretextTask, TaskInfo
+from ssl_cli.pretext.base import PretextTask, TaskBatch, TaskInfo
 from ssl_cli.pretext.crops import square_crop
 from ssl_cli.pretext.heads import UpsamplingDecoder
+from ssl_cli.pretext.on_batch import square_images
 
 if TYPE_CHECKING:
     from ssl_cli.data.sources import ImageSource
@@ -49,6 +59,13 @@ def quantise_ab(ab: np.ndarray, bins: int = 16) -> np.ndarray:
     width = 2 * AB_RANGE / bins
     index = np.clip(np.floor((np.asarray(ab) + AB_RANGE) / width), 0, bins - 1).astype(np.int64)
     return index[..., 0] * bins + index[..., 1]
+
+
+def quantise_ab_map(ab: torch.Tensor, bins: int = 16) -> torch.Tensor:
+    """(..., 2, h, w) ab values -> (..., h, w) int64 classes: `quantise_ab` channel-first, in torch."""
+    width = 2 * AB_RANGE / bins
+    index = torch.floor((ab + AB_RANGE) / width).clamp_(0, bins - 1).long()
+    return index[..., 0, :, :] * bins + index[..., 1, :, :]
 
 
 def class_centres(bins: int = 16) -> np.ndarray:
@@ -109,6 +126,26 @@ class ColorizationTask(PretextTask):
         blocks = self.target_size(), self.output_stride, self.target_size(), self.output_stride, 2
         ab = lab[..., 1:].reshape(blocks).mean(axis=(1, 3))  # area-downsample before quantising
         return inputs, torch.from_numpy(quantise_ab(ab, self.bins))
+
+    # --- on the batch (what training runs) ----------------------------------------------------------
+
+    def dataset(self, source, seed: int):
+        return square_images(source, self.image_size)
+
+    def batch_transform(self):
+        def coloured(images: torch.Tensor, generator: torch.Generator) -> TaskBatch:
+            return self.batch_sample(images)
+
+        return coloured
+
+    def batch_sample(self, images: torch.Tensor) -> TaskBatch:
+        """uint8 (B, 3, S, S) -> TaskBatch((B, 3, S, S) float32 L / 50 - 1 in 3 channels, (B, S/f, S/f) int64 ab
+        classes of the f x f block means), as `build_sample` makes them image by image."""
+        lab = rgb_to_lab_batch(images)  # (B, 3, S, S) float64
+        inputs = (lab[:, :1] / 50.0 - 1.0).float().expand(-1, 3, -1, -1).contiguous()
+        t, f = self.target_size(), self.output_stride
+        ab = lab[:, 1:].reshape(len(lab), 2, t, f, t, f).mean(dim=(3, 5))  # area-downsample before quantising
+        return TaskBatch(inputs, quantise_ab_map(ab, self.bins))
 
     def build_head(self, trunk_shape: tuple[int, int, int]) -> nn.Module:
         channels, height, _ = trunk_shape
