@@ -17,10 +17,10 @@ from PIL import Image, ImageOps
 
 from ssl_cli.artifacts.h5 import H5Artifact
 from ssl_cli.artifacts.schema import file_digest
+from ssl_cli.data.spec import parse_source
 from ssl_cli.errors import UserError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-SOURCE_FORMS = "a folder of images, an images .h5 written by `ssl pack`, or fashion-mnist:DIR[:train|test]"
 
 
 class UnreadableImage(Exception):
@@ -184,28 +184,16 @@ class FashionMNISTSource(ImageSource):
 
 def open_source(spec: str, flag: str = "--data") -> ImageSource:
     """Parse a `--data` value (or that of `flag`: --unlabelled, --eval-data) into a source; a bad value gets an
-    error naming the flag and listing the accepted forms."""
-    if spec.startswith("fashion-mnist:"):
-        rest = spec[len("fashion-mnist:"):]
-        root, colon, split = rest.rpartition(":")
-        # A trailing `:word` is a split (checked by the source, so `:valid` is named as a bad
-        # split rather than read as part of a folder name); an existing folder wins.
-        if not colon or "/" in split or Path(rest).is_dir():
-            root, split = rest, "train"
-        return FashionMNISTSource(Path(root or "/usr/share/datasets/fashion-mnist"), split or "train")
-    path = Path(spec)
-    if not path.exists():
-        raise UserError(f"{flag} {spec} does not exist; pass {SOURCE_FORMS}")
-    if path.is_dir():
-        return FolderSource(path, flag)
-    if path.suffix.lower() in (".h5", ".hdf5") or _looks_hdf5(path):
-        return H5ImageSource(path)
-    raise UserError(f"{flag} {spec} is a file but not an images .h5; pass {SOURCE_FORMS}")
-
-
-def _looks_hdf5(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(8) == b"\x89HDF\r\n\x1a\n"
+    error naming the flag and listing the accepted forms (`data.spec.parse_source`, also the early check)."""
+    try:
+        parsed = parse_source(spec, flag)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if parsed.kind == "fashion-mnist":
+        return FashionMNISTSource(parsed.path, parsed.split)
+    if parsed.kind == "folder":
+        return FolderSource(parsed.path, flag)
+    return H5ImageSource(parsed.path)
 
 
 def source_input(source: ImageSource) -> dict[str, str]:
