@@ -1,4 +1,13 @@
-"""`ssl extract`: one feature row per image from a named layer, streamed to HDF5 in resumable chunks."""
+"""`ssl extract`: one feature row per image from a named layer, streamed to HDF5 in resumable chunks.
+
+Under torchrun each rank extracts one contiguous shard of the source (whole batches of the
+one-process run, so every row is computed in the same batch and the features are the same bytes)
+into its own resumable part file beside the output, `<out>.rank<r>-of-<W>.partial`, renamed to
+`<out>.rank<r>-of-<W>` when the shard is done. When every rank is done, rank 0 copies the parts in
+rank order into `<out>` (through `<out>.partial`) and removes them. A re-run with the same W resumes
+each unfinished part and skips the finished ones; a re-run with another W starts over. Every rank
+writes beside `--out`, so on several machines `--out` must be on a filesystem they all share.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ssl_cli.artifacts.h5 import H5Artifact, RowWriter
+from ssl_cli.artifacts.h5 import H5Artifact, RowWriter, partial_path
 from ssl_cli.artifacts.lock import claim_scope
-from ssl_cli.artifacts.outputs import OutputState, plan_output
+from ssl_cli.artifacts.outputs import OutputState, artifact_fingerprint, plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.config import ExtractConfig
 from ssl_cli.data.dataset import SourceDataset
@@ -26,10 +35,13 @@ from ssl_cli.models.network import Network, network_from_arch, network_from_chec
 from ssl_cli.models.registry import check_layer, get_arch
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
+from ssl_cli.train import distributed
 
 # Rows are flushed every FLUSH_BATCHES batches; a resumed run restarts at a batch boundary of the
 # uninterrupted run, so every row sees the same batch and the file ends byte-identical.
 FLUSH_BATCHES = 8
+# Rows copied at a time when rank 0 merges the parts (bounds the merge's memory by a block).
+MERGE_BLOCK_BYTES = 64 * 2**20
 
 
 def load_network(cfg: ExtractConfig) -> Network:
@@ -87,18 +99,22 @@ def run(cfg: ExtractConfig, reporter: Reporter | None = None) -> StageResult:
 
     reader = LayerReader(network.model, network.spec, layer, cfg.pool, cfg.pool_size).eval()
     device = resolve_device(cfg.device)
+    group = distributed.setup(device.type) if distributed.launched_world()[1] > 1 else distributed.ProcessGroup()
+    if group.active and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
     reader = prepare_module(reader, device)
     dim = feature_dim(reader, network.input_size, device)
+    if group.active:
+        return run_sharded(cfg, prepared, reader, device, dim, group, reporter)
     writer = RowWriter.resume(cfg.out, provenance.fingerprint) if plan.state is OutputState.RESUME else None
+    if writer is not None and writer.get_attr("merging"):
+        writer.discard()  # an interrupted merge of torchrun parts: only the same torchrun resumes those
+        writer = None
     resumed = writer is not None
     if writer is None:
-        writer = RowWriter.create(
-            cfg.out, provenance,
-            columns={"features": ((dim,), cfg.dtype), "sample_ids": ((), str), "targets": ((), np.int64)},
-        )
-        writer.set_attrs(source_done=0, n_skipped=0, layer=layer, arch=network.spec.name, dim=dim, classes=source.classes)
+        writer = create_writer(cfg.out, prepared, dim, cfg.dtype)
     try:
-        skipped = stream_features(cfg, source, network, reader, device, writer, reporter)
+        skipped = stream_features(cfg, source, network, reader, device, writer, reporter, range(len(source)))
     except UserError:
         writer.discard()  # NaN features come back on every re-run of the same inputs: nothing to resume
         raise
@@ -106,11 +122,137 @@ def run(cfg: ExtractConfig, reporter: Reporter | None = None) -> StageResult:
         writer.close()  # flushed blocks stay in <out>.partial; the same command resumes from them
         raise
     rows = writer.rows_done
+    writer.set_attrs(ranks=1, rank_rows=[rows], rank_source_rows=[[0, len(source)]])
     writer.commit()
+    remove_parts(cfg.out)
     if skipped:
         reporter.warn(f"skipped {len(skipped)} unreadable image(s), e.g. {', '.join(skipped[:3])}; named in {cfg.out}")
     summary = {"rows": rows, "dim": dim, "layer": layer, "skipped": len(skipped), "resumed": resumed}
     return StageResult("extract", cfg.out, "resumed" if resumed else "written", summary)
+
+
+def create_writer(out: Path, prepared: Prepared, dim: int, dtype: str) -> RowWriter:
+    """A fresh `<out>.partial` with the features layout and the attributes every features file has."""
+    writer = RowWriter.create(
+        out, prepared.provenance,
+        columns={"features": ((dim,), dtype), "sample_ids": ((), str), "targets": ((), np.int64)},
+    )
+    writer.set_attrs(source_done=0, n_skipped=0, layer=prepared.layer, arch=prepared.network.spec.name, dim=dim,
+                     classes=prepared.source.classes)
+    return writer
+
+
+# --- torchrun: one shard per rank, merged by rank 0 ------------------------------------------------
+
+def shard_rows(n: int, batch_size: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of `n` source rows: whole batches of the one-process run
+    (batch b holds rows [b * batch_size, (b + 1) * batch_size)), batches split as evenly as possible."""
+    batches = -(-n // batch_size)
+    first, last = rank * batches // world, (rank + 1) * batches // world
+    return range(min(n, first * batch_size), min(n, last * batch_size))
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    """The finished part of `rank` (its partial is this path + `.partial`)."""
+    return out.with_name(f"{out.name}.rank{rank}-of-{world}")
+
+
+def remove_parts(out: Path) -> None:
+    """Delete every rank part of `out` (finished or partial, of any world size)."""
+    for path in out.parent.glob(f"{out.name}.rank*-of-*"):
+        path.unlink(missing_ok=True)
+
+
+def run_sharded(cfg: ExtractConfig, prepared: Prepared, reader: torch.nn.Module, device: torch.device, dim: int,
+                group: distributed.ProcessGroup, reporter: Reporter) -> StageResult:
+    """Every rank extracts its shard to its part file; rank 0 then merges the parts into `cfg.out`."""
+    error: UserError | None = None
+    try:
+        resumed = extract_part(cfg, prepared, reader, device, dim, group, reporter)
+    except UserError as problem:  # the other ranks must hear of it, not wait for this rank for ever
+        error = problem
+    if distributed.any_rank(error is not None, group, device):
+        distributed.teardown(group)
+        raise error or UserError("another torchrun rank stopped on bad input (its message is above); "
+                                 "fix that and run the same command again")
+    if not group.is_main:
+        distributed.barrier(group)  # returns once rank 0 has written cfg.out, so a next stage may read it
+        distributed.teardown(group)
+        return StageResult("extract", cfg.out, "written by rank 0", {})
+    try:
+        rows, skipped = merge_parts(cfg.out, prepared, dim, cfg.dtype, group.world)
+    finally:
+        distributed.barrier(group)
+        distributed.teardown(group)
+    if skipped:
+        reporter.warn(f"skipped {len(skipped)} unreadable image(s), e.g. {', '.join(skipped[:3])}; named in {cfg.out}")
+    summary = {"rows": rows, "dim": dim, "layer": prepared.layer, "skipped": len(skipped), "resumed": resumed,
+               "ranks": group.world}
+    return StageResult("extract", cfg.out, "resumed" if resumed else "written", summary)
+
+
+def extract_part(cfg: ExtractConfig, prepared: Prepared, reader: torch.nn.Module, device: torch.device, dim: int,
+                 group: distributed.ProcessGroup, reporter: Reporter) -> bool:
+    """Extract this rank's shard into its part file, resuming it when it is there; True if resumed."""
+    fingerprint = prepared.provenance.fingerprint
+    part = part_path(cfg.out, group.rank, group.world)
+    if cfg.force:
+        part.unlink(missing_ok=True)
+        partial_path(part).unlink(missing_ok=True)
+    if artifact_fingerprint(part) == fingerprint:
+        return True  # finished before an interruption of the other ranks or of the merge
+    rows = shard_rows(len(prepared.source), cfg.batch_size, group.rank, group.world)
+    writer = RowWriter.resume(part, fingerprint)
+    resumed = writer is not None
+    if writer is None:
+        writer = create_writer(part, prepared, dim, cfg.dtype)
+        writer.set_attrs(source_done=rows.start, rank=group.rank, world=group.world,
+                         shard_start=rows.start, shard_stop=rows.stop)
+    try:
+        stream_features(cfg, prepared.source, prepared.network, reader, device, writer, reporter, rows)
+    except UserError:
+        writer.discard()
+        raise
+    except BaseException:
+        writer.close()
+        raise
+    writer.commit()
+    return resumed
+
+
+def merge_parts(out: Path, prepared: Prepared, dim: int, dtype: str, world: int) -> tuple[int, list[str]]:
+    """Rank 0: copy the finished parts, in rank order, into `<out>.partial`, commit it, delete the parts.
+    The merge itself is not resumable (it is a copy): a killed merge is redone from the parts."""
+    writer = create_writer(out, prepared, dim, dtype)
+    writer.set_attrs(merging=True)
+    skipped: list[str] = []
+    rank_rows, rank_source_rows, rates = [], [], []
+    block = max(1, MERGE_BLOCK_BYTES // (dim * np.dtype(dtype).itemsize))
+    try:
+        for rank in range(world):
+            with H5Artifact(part_path(out, rank, world), "features") as part:
+                attrs = part.attrs
+                skipped += list(part.strings("skipped_ids")[: int(attrs.get("n_skipped", 0))]) \
+                    if "skipped_ids" in part else []
+                for offset in range(0, part.rows("features"), block):
+                    rows = slice(offset, offset + block)
+                    writer.append(features=part["features"][rows], targets=part["targets"][rows],
+                                  sample_ids=np.asarray(part["sample_ids"].asstr()[rows], dtype=object))
+                rank_rows.append(part.rows("features"))
+                rank_source_rows.append([int(attrs["shard_start"]), int(attrs["shard_stop"])])
+                rates.append(float(attrs.get("images_per_second", 0.0)))
+        if skipped:
+            writer.write_array("skipped_ids", np.array(skipped, dtype=object))
+        writer.set_attrs(source_done=len(prepared.source), n_skipped=len(skipped), images_per_second=sum(rates),
+                         ranks=world, rank_rows=rank_rows, rank_source_rows=rank_source_rows)
+        del writer.handle.attrs["merging"]
+    except BaseException:
+        writer.close()
+        raise
+    rows = writer.rows_done
+    writer.commit()
+    remove_parts(out)
+    return rows, skipped
 
 
 def feature_dim(reader: torch.nn.Module, size: int, device: torch.device) -> int:
@@ -131,15 +273,16 @@ def feature_dim(reader: torch.nn.Module, size: int, device: torch.device) -> int
 
 
 def stream_features(cfg: ExtractConfig, source: ImageSource, network: Network, reader: torch.nn.Module,
-                    device: torch.device, writer: RowWriter, reporter: Reporter) -> list[str]:
-    """Read batches from `source_done` on, append whole blocks, record progress after each block."""
-    start = int(writer.get_attr("source_done", 0))
+                    device: torch.device, writer: RowWriter, reporter: Reporter, rows: range) -> list[str]:
+    """Read the source `rows` (a contiguous range) in batches from `source_done` on, append whole
+    blocks, record progress after each block. Returns the ids of the unreadable images skipped."""
+    start = max(rows.start, int(writer.get_attr("source_done", rows.start)))
     skipped = list(writer.handle["skipped_ids"].asstr()[...]) if "skipped_ids" in writer.handle else []
     # ids written by a block whose rows never counted as done are named again when it is re-read
     skipped = skipped[: int(writer.get_attr("n_skipped", 0))]
     dataset = SourceDataset(source, eval_transform(network.input_size, network.mean, network.std,
                                                            network.per_image_normalise, network.input_mode),
-                            indices=range(start, len(source)),
+                            indices=range(start, rows.stop),
                             placeholder_shape=(3, network.input_size, network.input_size))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
@@ -147,7 +290,8 @@ def stream_features(cfg: ExtractConfig, source: ImageSource, network: Network, r
     block: list[tuple[np.ndarray, np.ndarray]] = []
     done = start
     began = time.perf_counter()
-    with reporter.progress(f"extract {writer.get_attr('layer')}", total=len(source), completed=start) as advance, \
+    with reporter.progress(f"extract {writer.get_attr('layer')}", total=len(rows),
+                           completed=start - rows.start) as advance, \
             torch.inference_mode():
         for batch, (images, indices, ok) in enumerate(loader, start=1):
             with autocast(device):
@@ -158,7 +302,7 @@ def stream_features(cfg: ExtractConfig, source: ImageSource, network: Network, r
             block.append((features.cpu().numpy().astype(store), indices.numpy(), ok.numpy()))
             done += len(indices)
             advance(len(indices))
-            if batch % FLUSH_BATCHES == 0 or done == len(source):
+            if batch % FLUSH_BATCHES == 0 or done == rows.stop:
                 skipped += flush(block, source, writer, skipped, done)
                 block = []
     writer.set_attrs(images_per_second=(done - start) / max(time.perf_counter() - began, 1e-9))
