@@ -152,9 +152,9 @@ class ExtractConfig(StageConfig):
 
 
 KMEANS_FIELDS = ("pca_dim", "pca_sample", "niter", "max_points_per_centroid", "backend", "gpu", "chunk_rows")
-SCAN_FIELDS = ("model", "data", "assign_data", "layer", "pool_size", "neighbours", "neighbours_k", "heads",
-               "entropy_weight", "scan_epochs", "self_label", "self_label_epochs", "threshold", "batch_size", "lr",
-               "self_label_lr")
+SCAN_FIELDS = ("model", "data", "assign_data", "layer", "pool_size", "neighbours", "neighbours_k", "neighbours_method",
+               "heads", "entropy_weight", "scan_epochs", "self_label", "self_label_epochs", "threshold", "batch_size",
+               "lr", "self_label_lr")
 
 
 class ClusterConfig(StageConfig):
@@ -181,8 +181,12 @@ class ClusterConfig(StageConfig):
     layer: str | None = Field(None, description="scan: the layer read (default: the checkpoint's feature layer)")
     pool_size: int = Field(1, ge=1, le=16, description="scan: the layer's map is average-pooled to this side")
     neighbours: Path | None = Field(None, description="scan: the neighbours file (default: scan-cache/neighbours-<hash>"
-                                    ".h5 beside --out, keyed by the features and --neighbours-k; reused when up to date)")
+                                    ".h5 beside --out, keyed by the features, --neighbours-k and "
+                                    "--neighbours-method; reused when up to date)")
     neighbours_k: int = Field(20, ge=1, description="scan: nearest neighbours of every image")
+    neighbours_method: Literal["auto", "exact", "ivf", "hnsw"] = Field(
+        "auto", description="scan: how the neighbours are mined: exact (N^2 cosine), ivf (a faiss IVF index, nprobe "
+        "set for recall@K >= 0.95; on faiss's GPUs), hnsw (faiss, CPU); auto = exact up to 100000 images, else ivf")
     heads: int = Field(10, ge=1, le=100, description="scan: clustering heads trained at once; the lowest-loss one is kept")
     entropy_weight: float = Field(5.0, ge=0, description="scan: weight of the entropy of the mean prediction")
     scan_epochs: int = Field(30, ge=1, le=10_000, description="scan: epochs of the SCAN step")
@@ -220,6 +224,8 @@ class ClusterConfig(StageConfig):
         config = super().result_config()
         for name in self.unused_fields():
             config.pop(name, None)
+        if config.get("neighbours_method") == "auto":  # SCAN outputs from before the option keep their fingerprint
+            config.pop("neighbours_method")
         return config
 
     @field_validator("pca_dim", mode="before")

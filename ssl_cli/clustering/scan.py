@@ -3,7 +3,8 @@
 The parts `ssl cluster --method scan` chains (see `ssl_cli.stages.scan`):
 
 1. neighbours: from features (N, D) of a pretext network, every image's K nearest other images by
-   cosine similarity (`mine_neighbours`), and how often they share its class when targets exist;
+   cosine similarity (`mine_neighbours`, in `ssl_cli.clustering.neighbours`: exact, or a faiss index
+   at scale), and how often they share its class when targets exist;
 2. the SCAN step: `heads` linear clustering heads (D -> k, softmax) on the standardised features of
    the frozen network, trained so that an image and one of its neighbours get the same cluster,
    minus `entropy_weight` x the entropy of the mean prediction, which keeps every cluster used
@@ -27,32 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ssl_cli.errors import UserError
+from ssl_cli.clustering.neighbours import mine_neighbours  # noqa: F401 (re-exported: SCAN's step 1 lives there)
 from ssl_cli.pretext.losses.scan import scan_loss
-
-NEIGHBOUR_BLOCK = 1024  # query rows per similarity block: (1024, N) floats at a time
-
-
-def mine_neighbours(features: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """features (N, D) -> (indices (N, k) int64, cosine distances (N, k) float32), nearest first,
-    each row's own image left out. Memory: one (NEIGHBOUR_BLOCK, N) block of similarities."""
-    n = len(features)
-    if k >= n:
-        raise UserError(f"--neighbours-k {k} needs more than {k} images, the data has {n}; lower --neighbours-k")
-    unit = F.normalize(features.float(), dim=1)
-    indices = np.empty((n, k), dtype=np.int64)
-    distances = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, NEIGHBOUR_BLOCK):
-        block = unit[start : start + NEIGHBOUR_BLOCK] @ unit.T
-        rows = torch.arange(start, start + len(block))
-        block[torch.arange(len(block)), rows] = -float("inf")  # not its own neighbour
-        top, index = block.topk(k, dim=1)
-        indices[start : start + len(block)] = index.numpy()
-        distances[start : start + len(block)] = (1 - top).numpy()
-    return indices, distances
 
 
 def neighbour_agreement(indices: np.ndarray, targets: np.ndarray) -> float | None:

@@ -6,7 +6,9 @@ data reuses them, and a changed input makes a new one):
   features-<hash>.h5     `ssl extract` of --data at --layer (avg-pooled to --pool-size); also linked
                          as <stem>.features.h5 beside the output, the file `ssl pseudolabel` takes
   neighbours-<hash>.h5   the --neighbours-k nearest neighbours of every image (or --neighbours PATH):
-                         sample_ids, indices (N, K), cosine distances (N, K); attrs: agreement
+                         sample_ids, indices (N, K), cosine distances (N, K); attrs: agreement, and how
+                         they were mined (method: exact, ivf or hnsw, with nlist, nprobe, the measured
+                         recall..., see `ssl_cli.clustering.neighbours`)
   scan-<hash>.pt         the clustering heads after the SCAN step (the shared training loop)
   selflabel-<hash>.pt    the kept head after self-labelling (unless --no-self-label)
   <out>                  the clusters artifact `ssl cluster` writes for k-means: assignments, per-row
@@ -34,13 +36,15 @@ from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
 from ssl_cli.artifacts.outputs import artifact_fingerprint, plan_output
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.clustering.metrics import cluster_quality
+from ssl_cli.clustering.neighbours import mining_settings, resolve_method, search_neighbours
 from ssl_cli.clustering.scan import (ClusterHeads, ImageHeads, NeighbourPairs, feature_statistics, head_losses,
-                                     mine_neighbours, neighbour_agreement, scan_step)
+                                     neighbour_agreement, scan_step)
 from ssl_cli.clustering.summary import summary_of
 from ssl_cli.config import ClusterConfig, ExtractConfig
 from ssl_cli.data.batch_augment import BatchAugment, normalise_mode
 from ssl_cli.data.resized import ResizedImages
 from ssl_cli.data.sources import open_source
+from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import LayerReader
 from ssl_cli.pretext.losses.scan import self_label_loss
@@ -142,11 +146,14 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     (cfg.out.parent / CACHE_FOLDER).mkdir(parents=True, exist_ok=True)
     files = {"features": extract_owned(*extractions["features"], beside_out(cfg, ".features.h5"), reporter)}
     features, targets, ids, fingerprint = read_features(files["features"])
-    neighbours_record = make_provenance("neighbours", "scan", {"neighbours_k": cfg.neighbours_k},
-                                        {"neighbours_k": cfg.neighbours_k},
+    mining = resolve_method(cfg.neighbours_method, len(features), warn=reporter.warn)
+    neighbours_record = make_provenance("neighbours", "scan", {"neighbours_k": cfg.neighbours_k,
+                                                               "neighbours_method": cfg.neighbours_method},
+                                        mining_settings(cfg.neighbours_k, mining),
                                         [{"path": str(files["features"]), "fingerprint": fingerprint}])
     files["neighbours"] = cfg.neighbours or cached(cfg, "neighbours", neighbours_record.fingerprint, ".h5")
-    neighbours, agreement = neighbours_of(cfg, files["neighbours"], neighbours_record, features, targets, ids, reporter)
+    neighbours, agreement = neighbours_of(cfg, files["neighbours"], neighbours_record, mining, features, targets, ids,
+                                          reporter)
 
     prepared = extractions["features"][1]
     network = prepared.network
@@ -159,7 +166,7 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
                            device=cfg.device, workers=0, progress=cfg.progress)
     scan_record = make_provenance("checkpoint", "scan", cfg.recorded_config(),
                                   {"step": "scan", **{name: getattr(cfg, name) for name in SCAN_STEP_FIELDS}},
-                                  [{"path": str(files["neighbours"]), "fingerprint": fingerprint}])
+                                  [{"path": str(files["neighbours"]), "fingerprint": neighbours_record.fingerprint}])
     files["scan"] = cached(cfg, "scan", scan_record.fingerprint, ".pt")
     train(model, NeighbourPairs(raw, targets, neighbours, cfg.seed, ids), scan_step(cfg.entropy_weight), options,
           files["scan"], scan_record, lambda m: {"model": m.state_dict(), "meta": {"task": "scan-heads", "k": cfg.k}},
@@ -214,10 +221,10 @@ def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
                 handle.fingerprint)
 
 
-def neighbours_of(cfg: ClusterConfig, path: Path, record, features: np.ndarray, targets: np.ndarray, ids: np.ndarray,
-                  reporter: Reporter) -> tuple[np.ndarray, float | None]:
+def neighbours_of(cfg: ClusterConfig, path: Path, record, method: str, features: np.ndarray, targets: np.ndarray,
+                  ids: np.ndarray, reporter: Reporter) -> tuple[np.ndarray, float | None]:
     """The (N, K) neighbour indices from `path` when it holds `record`'s fingerprint (made from these features
-    with these settings), else mined and written there."""
+    with these settings), else mined by `method` (exact, ivf or hnsw) and written there with what ran."""
     given = cfg.neighbours is not None  # the user's file; the default one beside the output is the stage's own
     if path.exists():
         with H5Artifact(path, "neighbours", required=("indices", "sample_ids")) as existing:
@@ -231,11 +238,16 @@ def neighbours_of(cfg: ClusterConfig, path: Path, record, features: np.ndarray, 
                 return existing.array("indices"), existing.attrs.get("agreement")
     # a --neighbours file made with other settings needs --force; the stage's own is replaced when stale
     plan_output(path, record.fingerprint, cfg.force if given else stale(path, record.fingerprint))
-    with reporter.progress(f"neighbours (k={cfg.neighbours_k}, cosine)", total=None):
-        indices, distances = mine_neighbours(torch.from_numpy(features), cfg.neighbours_k)
+    with reporter.progress(f"neighbours (k={cfg.neighbours_k}, cosine, {method})", total=len(features)) as advance:
+        found = search_neighbours(torch.from_numpy(features), cfg.neighbours_k, method,
+                                  device=resolve_device(cfg.device), warn=reporter.warn, advance=advance)
+    indices, distances = found.indices, found.distances
     agreement = neighbour_agreement(indices, targets)
     write_arrays(path, record, {"sample_ids": ids, "indices": indices, "distances": distances},
-                 {"k": cfg.neighbours_k, **({"agreement": agreement} if agreement is not None else {})})
+                 {"k": cfg.neighbours_k, **found.record, **({"agreement": agreement} if agreement is not None else {})})
+    if found.record["approximate"]:
+        reporter.info(f"neighbours: {method} index, recall@{cfg.neighbours_k} "
+                      f"{found.record.get('calibration_recall', 'not measured')} on a sample against exact")
     if agreement is not None:
         reporter.info(f"neighbours: {agreement:.3f} of them share the image's class")
     return indices, agreement
