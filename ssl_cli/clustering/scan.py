@@ -31,14 +31,30 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ssl_cli.clustering.neighbours import mine_neighbours  # noqa: F401 (re-exported: SCAN's step 1 lives there)
-from ssl_cli.pretext.losses.scan import scan_loss
+from ssl_cli.pretext.losses.scan import CONSISTENCY_FLOOR, ENTROPY_FLOOR, scan_loss
+from ssl_cli.train import distributed
+from ssl_cli.train.distributed import ProcessGroup
+
+# float32 entries of one (rows, K, k) block of neighbour predictions in `head_losses` (and of one
+# (rows, max(D, k)) block in `head_probabilities`): 16 MiB, whatever N is
+BLOCK_ELEMENTS = 1 << 22
+AGREEMENT_BLOCK = 65536  # rows of (rows, K) class comparisons at a time in `neighbour_agreement`
+
+
+def rows_per_block(per_row: int) -> int:
+    """Rows of a block holding BLOCK_ELEMENTS entries at `per_row` entries a row (at least one row)."""
+    return max(1, BLOCK_ELEMENTS // max(per_row, 1))
 
 
 def neighbour_agreement(indices: np.ndarray, targets: np.ndarray) -> float | None:
     """The fraction of (image, neighbour) pairs of the same class; None without targets (any < 0)."""
     if len(targets) == 0 or (targets < 0).any():
         return None
-    return float((targets[indices] == targets[:, None]).mean())
+    same = 0
+    for start in range(0, len(indices), AGREEMENT_BLOCK):  # (block, K) comparisons, not (N, K) int64 copies
+        stop = start + AGREEMENT_BLOCK
+        same += int((targets[indices[start:stop]] == targets[start:stop, None]).sum())
+    return same / indices.size
 
 
 class ClusterHeads(nn.Module):
@@ -116,29 +132,96 @@ class NeighbourPairs(Dataset):
 
 
 def scan_step(entropy_weight: float):
-    """The loop's step of the SCAN stage: inputs [anchors, neighbours], each (B, D) features."""
+    """The loop's step of the SCAN stage: inputs [anchors, neighbours], each (B, D) features.
+
+    Under torchrun (the context's group active) the entropy term is that of the mean prediction over
+    every rank's anchors (gathered with their gradients), the consistency term this rank's mean: with
+    DDP averaging the gradients, W ranks of B rows each take the step one process takes on the W * B
+    rows (the loop's sampler gives rank r positions r, r + W, ... of the one permutation)."""
 
     def step(model: nn.Module, inputs: list[torch.Tensor], targets: torch.Tensor, context: Any = None):
         anchors, neighbours = inputs
         batch = len(anchors)
+        group = context.group if context is not None else ProcessGroup()
         logits = model(torch.cat([anchors, neighbours]))
-        losses = [scan_loss(out[:batch].float(), out[batch:].float(), entropy_weight)[0] for out in logits]
+        losses = []
+        for out in logits:
+            total, consistency, _ = scan_loss(out[:batch].float(), out[batch:].float(), entropy_weight)
+            if group.active:
+                probs = distributed.all_gather_with_grad(out[:batch].float().softmax(1), group)
+                mean = probs.mean(0)
+                total = consistency + entropy_weight * (mean * mean.clamp_min(ENTROPY_FLOOR).log()).sum()
+            losses.append(total)
         return torch.stack(losses).sum(), None
 
     return step
 
 
 @torch.no_grad()
-def head_losses(model: ClusterHeads, features: torch.Tensor, neighbours: np.ndarray,
-                entropy_weight: float) -> list[float]:
+def head_probabilities(model: ClusterHeads, head: int, features: torch.Tensor) -> torch.Tensor:
+    """features (R, D) (any float dtype, any device) -> head `head`'s softmax (R, k) float32 on the model's
+    device, in row blocks: one standardised (block, D) copy and one (block, k) of logits at a time."""
+    device = model.mean.device
+    layer = model.heads[head]
+    out = torch.empty(len(features), layer.out_features, device=device)
+    step = rows_per_block(max(features.shape[1], layer.out_features))
+    for start in range(0, len(features), step):
+        block = model.standardise(features[start : start + step].to(device))
+        out[start : start + step] = layer(block).float().softmax(1)
+    return out
+
+
+@torch.no_grad()
+def head_losses(model: ClusterHeads, features: torch.Tensor, neighbours: np.ndarray, entropy_weight: float,
+                group: ProcessGroup | None = None) -> list[float]:
     """The SCAN loss of every head over the whole set: features (N, D), every image against each of its
-    neighbours (N, K); the entropy term over all N predictions."""
-    index = torch.from_numpy(neighbours)
+    neighbours (N, K) int64; the entropy term that of the mean of all N predictions.
+
+    One head at a time: its predictions (N, k) float32, then the (image, neighbour) agreements of
+    blocks of rows, (block, K, k) at a time (BLOCK_ELEMENTS), summed in float64; so memory beside the
+    features is one head's (N, k) predictions, whatever K. Under torchrun (`group` active) each rank
+    predicts and scores its `row_share`: the predictions are gathered (a neighbour may be any row) and
+    the sums all-reduced, so every rank returns the same losses."""
+    group = group or ProcessGroup()
+    n, per_image = neighbours.shape
+    rows = distributed.row_share(n, group)
+    index = torch.from_numpy(np.ascontiguousarray(neighbours)).to(model.mean.device)
     losses = []
-    for logits in model(features):
-        probs = logits.float().softmax(1)  # (N, k)
-        agreement = (probs[:, None, :] * probs[index]).sum(2).clamp_min(1e-7)  # (N, K)
-        mean = probs.mean(0)
-        entropy = -(mean * mean.clamp_min(1e-8).log()).sum()
-        losses.append(float(-agreement.log().mean() - entropy_weight * entropy))
+    for head in range(len(model.heads)):
+        own = head_probabilities(model, head, features[rows.start : rows.stop])  # (R, k)
+        probs = distributed.gather_rows(own, n, group)  # (N, k)
+        sums = torch.zeros(own.shape[1] + 1, dtype=torch.float64, device=own.device)  # sum of p, sum of log agreement
+        sums[:-1] = own.sum(0, dtype=torch.float64)
+        step = rows_per_block(per_image * own.shape[1])
+        for start in range(rows.start, rows.stop, step):
+            stop = min(start + step, rows.stop)
+            agreement = torch.bmm(probs[index[start:stop]], probs[start:stop, :, None]).squeeze(2)  # (block, K)
+            sums[-1] += agreement.clamp_min(CONSISTENCY_FLOOR).log().sum(dtype=torch.float64)
+        distributed.all_reduce_sum(sums, group)
+        mean = sums[:-1] / n
+        entropy = -(mean * mean.clamp_min(ENTROPY_FLOOR).log()).sum()
+        losses.append(float(-sums[-1] / (n * per_image) - entropy_weight * entropy))
     return losses
+
+
+@torch.no_grad()
+def assign(model: ClusterHeads, features: torch.Tensor, head: int = 0,
+           group: ProcessGroup | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """features (N, D) -> (assignments (N,) int64: head `head`'s argmax, confidence (N,) float32: its top
+    probability, rows each rank computed), in row blocks (`head_probabilities`' (block, k) at a time, never
+    (N, k)). Under torchrun (`group` active) each rank computes its `row_share` and the rows are gathered."""
+    group = group or ProcessGroup()
+    n = len(features)
+    rows = distributed.row_share(n, group)
+    device = model.mean.device
+    labels = torch.empty(len(rows), dtype=torch.int64, device=device)
+    confidence = torch.empty(len(rows), dtype=torch.float32, device=device)
+    step = rows_per_block(max(features.shape[1], model.heads[head].out_features))
+    for start in range(rows.start, rows.stop, step):
+        stop = min(start + step, rows.stop)
+        top = head_probabilities(model, head, features[start:stop]).max(1)
+        confidence[start - rows.start : stop - rows.start] = top.values
+        labels[start - rows.start : stop - rows.start] = top.indices
+    shares = distributed.gather_counts(len(rows), group)
+    labels, confidence = distributed.gather_rows(labels, n, group), distributed.gather_rows(confidence, n, group)
+    return labels.cpu().numpy(), confidence.cpu().numpy(), shares

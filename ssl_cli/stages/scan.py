@@ -37,8 +37,8 @@ from ssl_cli.artifacts.outputs import artifact_fingerprint, plan_output
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.neighbours import mining_settings, resolve_method, search_neighbours
-from ssl_cli.clustering.scan import (ClusterHeads, ImageHeads, NeighbourPairs, feature_statistics, head_losses,
-                                     neighbour_agreement, scan_step)
+from ssl_cli.clustering.scan import (ClusterHeads, ImageHeads, NeighbourPairs, assign, feature_statistics,
+                                     head_losses, neighbour_agreement, scan_step)
 from ssl_cli.clustering.summary import summary_of
 from ssl_cli.config import ClusterConfig, ExtractConfig
 from ssl_cli.data.batch_augment import BatchAugment, normalise_mode
@@ -51,7 +51,7 @@ from ssl_cli.pretext.losses.scan import self_label_loss
 from ssl_cli.report import Reporter
 from ssl_cli.stages import StageResult
 from ssl_cli.stages import extract as extract_stage
-from ssl_cli.train.distributed import launched_world
+from ssl_cli.train import distributed
 from ssl_cli.train.loop import TrainOptions, train
 from ssl_cli.train.recipe import default_shift
 
@@ -114,7 +114,10 @@ def extract_owned(config: ExtractConfig, prepared: extract_stage.Prepared, name:
     """Run an extraction whose output the stage owns (replaced when stale, reused when up to date) and link
     `name` beside --out to it. Returns the cached file."""
     extract_stage.run(config.model_copy(update={"force": stale(config.out, prepared.provenance.fingerprint)}), reporter)
-    link(name, config.out)
+    group = distributed.join(resolve_device(config.device).type)  # under torchrun extract shards, then leaves the group
+    if group.is_main:
+        link(name, config.out)
+    distributed.barrier(group)
     return config.out
 
 
@@ -129,9 +132,6 @@ def provenance(cfg: ClusterConfig, extractions: dict | None = None):
 
 def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     began = time.perf_counter()
-    if launched_world()[1] > 1:
-        raise UserError("--method scan runs in one process (its SCAN step trains heads on features in seconds); "
-                        "run it without torchrun")
     if not cfg.model.exists():
         raise UserError(f"--model {cfg.model} does not exist; pass the checkpoint `ssl pretext` wrote")
     extractions = prepared_extractions(cfg)
@@ -140,6 +140,7 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     if plan.up_to_date:
         reporter.info(f"{cfg.out} is up to date; skipped")
         return StageResult("cluster", cfg.out, plan.state.value, summary_of(cfg.out))
+    group = distributed.join(resolve_device(cfg.device).type)  # under torchrun: every step shared by the ranks
     source = open_source(cfg.data)
     if cfg.k > len(source):
         raise UserError(f"--k {cfg.k} is larger than the {len(source)} images of --data; use --k {len(source)} or less")
@@ -156,61 +157,86 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
                                           reporter)
 
     prepared = extractions["features"][1]
-    network = prepared.network
     raw = torch.from_numpy(features)
-    with torch.random.fork_rng(devices=[]):  # the heads' start depends on --seed alone
-        torch.manual_seed(cfg.seed)
-        model = ClusterHeads(raw.shape[1], cfg.k, cfg.heads, *feature_statistics(raw))
-    options = TrainOptions(epochs=cfg.scan_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.lr,
-                           optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
-                           device=cfg.device, workers=0, progress=cfg.progress)
-    scan_record = make_provenance("checkpoint", "scan", cfg.recorded_config(),
-                                  {"step": "scan", **{name: getattr(cfg, name) for name in SCAN_STEP_FIELDS}},
-                                  [{"path": str(files["neighbours"]), "fingerprint": neighbours_record.fingerprint}])
-    files["scan"] = cached(cfg, "scan", scan_record.fingerprint, ".pt")
-    train(model, NeighbourPairs(raw, targets, neighbours, cfg.seed, ids), scan_step(cfg.entropy_weight), options,
-          files["scan"], scan_record, lambda m: {"model": m.state_dict(), "meta": {"task": "scan-heads", "k": cfg.k}},
-          force=stale(files["scan"], scan_record.fingerprint), reporter=reporter)
-    model.load_state_dict(load_checkpoint(files["scan"])["model"])
-    model = model.cpu()
-    losses = head_losses(model, raw, neighbours, cfg.entropy_weight)
+    model, files["scan"], scan_record = scan_heads(cfg, raw, targets, ids, neighbours, files["neighbours"],
+                                                   neighbours_record.fingerprint, reporter)
+    group = distributed.join(resolve_device(cfg.device).type)  # the training loop leaves the group at its end
+    device = compute_device(cfg, group)
+    losses = head_losses(model.to(device), raw, neighbours, cfg.entropy_weight, group)
     best = int(np.argmin(losses))
-    chosen = ClusterHeads(raw.shape[1], cfg.k, 1, model.mean, model.std)
+    chosen = ClusterHeads(raw.shape[1], cfg.k, 1, model.mean.cpu(), model.std.cpu())
     chosen.heads[0].load_state_dict(model.heads[best].state_dict())
     confident = None
     if cfg.self_label:
+        network = prepared.network
         reader = LayerReader(network.model, network.spec, prepared.layer, "avg", cfg.pool_size)
         chosen, confident, files["selflabel"] = self_label(cfg, files["scan"], source, network, reader, chosen,
                                                            scan_record, reporter)
+        group = distributed.join(resolve_device(cfg.device).type)
 
     if cfg.assign_data is not None:
         files["assign"] = extract_owned(*extractions["assign"], beside_out(cfg, ".assign-features.h5"), reporter)
         features, targets, ids, _ = read_features(files["assign"])
-    chosen = chosen.cpu()
-    with torch.no_grad():
-        probs = chosen(torch.from_numpy(features))[0].float().softmax(1).numpy()
-    assignments = probs.argmax(1).astype(np.int64)
-    confidence = probs.max(1).astype(np.float32)
+    chosen = chosen.to(device)
+    assignments, confidence, shares = assign(chosen, torch.from_numpy(features), group=group)
     sizes = np.bincount(assignments, minlength=cfg.k)
     quality = cluster_quality(targets, assignments)
     seconds = time.perf_counter() - began
     summary = {"k": cfg.k, "rows": len(assignments), "method": "scan", "head": best,
                "head_losses": [round(v, 4) for v in losses], "neighbour_agreement": agreement,
                "self_labelled": confident, "empty_clusters": int((sizes == 0).sum()),
-               "largest_cluster": int(sizes.max()), "seconds": round(seconds, 3), "metrics": quality}
-    out = write_arrays(cfg.out, record, {
-        "assignments": assignments, "confidence": confidence, "distances": 1.0 - confidence, "sample_ids": ids,
-        "targets": targets, "cluster_sizes": sizes.astype(np.int64),
-        "head_weight": chosen.heads[0].weight.detach().numpy().astype(np.float32),
-        "head_bias": chosen.heads[0].bias.detach().numpy().astype(np.float32),
-        "feature_mean": chosen.mean.numpy(), "feature_std": chosen.std.numpy(),
-    }, attrs={key: value for key, value in {
-        "k": cfg.k, "method": "scan", "n_empty": summary["empty_clusters"], "metrics": quality or {},
-        "seconds": seconds, "head": best, "head_losses": losses, "neighbour_agreement": agreement,
-        "self_labelled": confident, "layer": prepared.layer, "pool_size": cfg.pool_size,
-        "pca_dim_used": 0, "pca_whitened": False,
-        "intermediates": {name: str(path) for name, path in files.items()}}.items() if value is not None})
-    return StageResult("cluster", out, "written", {k: v for k, v in summary.items() if v is not None})
+               "largest_cluster": int(sizes.max()), "seconds": round(seconds, 3), "metrics": quality,
+               **({"ranks": group.world} if group.active else {})}
+    chosen = chosen.cpu()
+    if group.is_main:  # rank 0 writes; the others wait below, so the file is whole when any rank returns
+        write_arrays(cfg.out, record, {
+            "assignments": assignments, "confidence": confidence, "distances": 1.0 - confidence, "sample_ids": ids,
+            "targets": targets, "cluster_sizes": sizes.astype(np.int64),
+            "head_weight": chosen.heads[0].weight.detach().numpy().astype(np.float32),
+            "head_bias": chosen.heads[0].bias.detach().numpy().astype(np.float32),
+            "feature_mean": chosen.mean.numpy(), "feature_std": chosen.std.numpy(),
+        }, attrs={key: value for key, value in {
+            "k": cfg.k, "method": "scan", "n_empty": summary["empty_clusters"], "metrics": quality or {},
+            "seconds": seconds, "head": best, "head_losses": losses, "neighbour_agreement": agreement,
+            "self_labelled": confident, "layer": prepared.layer, "pool_size": cfg.pool_size,
+            "pca_dim_used": 0, "pca_whitened": False, "ranks": group.world, "rank_rows": shares,
+            "intermediates": {name: str(path) for name, path in files.items()}}.items() if value is not None})
+    distributed.barrier(group)
+    distributed.teardown(group)
+    return StageResult("cluster", cfg.out, "written", {k: v for k, v in summary.items() if v is not None})
+
+
+def compute_device(cfg: ClusterConfig, group: distributed.ProcessGroup) -> torch.device:
+    """Where the heads are scored and the rows assigned: --device, this rank's GPU under torchrun."""
+    device = resolve_device(cfg.device)
+    return torch.device("cuda", group.local_rank) if device.type == "cuda" and group.active else device
+
+
+def scan_heads(cfg: ClusterConfig, raw: torch.Tensor, targets: np.ndarray, ids: np.ndarray, neighbours: np.ndarray,
+               neighbours_file: Path, neighbours_fingerprint: str, reporter: Reporter):
+    """The SCAN step: `--heads` heads trained on (image, neighbour) pairs of the features raw (N, D) through
+    the shared loop (under torchrun each rank its share of every batch, see `scan_step`). Returns the heads
+    (on the CPU), their cached checkpoint and its provenance."""
+    with torch.random.fork_rng(devices=[]):  # the heads' start depends on --seed alone
+        torch.manual_seed(cfg.seed)
+        model = ClusterHeads(raw.shape[1], cfg.k, cfg.heads, *feature_statistics(raw))
+    options = TrainOptions(epochs=cfg.scan_epochs, batch_size=min(cfg.batch_size, rows_per_rank(len(raw))), lr=cfg.lr,
+                           optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
+                           device=cfg.device, workers=0, progress=cfg.progress)
+    record = make_provenance("checkpoint", "scan", cfg.recorded_config(),
+                             {"step": "scan", **{name: getattr(cfg, name) for name in SCAN_STEP_FIELDS}},
+                             [{"path": str(neighbours_file), "fingerprint": neighbours_fingerprint}])
+    out = cached(cfg, "scan", record.fingerprint, ".pt")
+    train(model, NeighbourPairs(raw, targets, neighbours, cfg.seed, ids), scan_step(cfg.entropy_weight), options,
+          out, record, lambda m: {"model": m.state_dict(), "meta": {"task": "scan-heads", "k": cfg.k}},
+          force=stale(out, record.fingerprint), reporter=reporter)
+    model.load_state_dict(load_checkpoint(out)["model"])
+    return model.cpu(), out, record
+
+
+def rows_per_rank(n: int) -> int:
+    """The rows each torchrun rank trains on (all n in one process): the largest batch the loop takes."""
+    return -(-n // distributed.launched_world()[1])
 
 
 def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -238,13 +264,21 @@ def neighbours_of(cfg: ClusterConfig, path: Path, record, method: str, features:
                 return existing.array("indices"), existing.attrs.get("agreement")
     # a --neighbours file made with other settings needs --force; the stage's own is replaced when stale
     plan_output(path, record.fingerprint, cfg.force if given else stale(path, record.fingerprint))
-    with reporter.progress(f"neighbours (k={cfg.neighbours_k}, cosine, {method})", total=len(features)) as advance:
+    group = distributed.current_group()  # under torchrun each rank mines its share of the query rows
+    share = distributed.row_share(len(features), group)
+    with reporter.progress(f"neighbours (k={cfg.neighbours_k}, cosine, {method})", total=len(share)) as advance:
         found = search_neighbours(torch.from_numpy(features), cfg.neighbours_k, method,
-                                  device=resolve_device(cfg.device), warn=reporter.warn, advance=advance)
-    indices, distances = found.indices, found.distances
+                                  rows=slice(share.start, share.stop), device=compute_device(cfg, group),
+                                  warn=reporter.warn, advance=advance)
+    shares = distributed.gather_counts(len(found.indices), group)
+    indices = distributed.gather_rows(torch.from_numpy(found.indices), len(features), group).numpy()
+    distances = distributed.gather_rows(torch.from_numpy(found.distances), len(features), group).numpy()
     agreement = neighbour_agreement(indices, targets)
-    write_arrays(path, record, {"sample_ids": ids, "indices": indices, "distances": distances},
-                 {"k": cfg.neighbours_k, **found.record, **({"agreement": agreement} if agreement is not None else {})})
+    if group.is_main:  # the others wait at the barrier below
+        write_arrays(path, record, {"sample_ids": ids, "indices": indices, "distances": distances},
+                     {"k": cfg.neighbours_k, **found.record, "ranks": group.world, "rank_rows": shares,
+                      **({"agreement": agreement} if agreement is not None else {})})
+    distributed.barrier(group)
     if found.record["approximate"]:
         reporter.info(f"neighbours: {method} index, recall@{cfg.neighbours_k} "
                       f"{found.record.get('calibration_recall', 'not measured')} on a sample against exact")
@@ -273,8 +307,8 @@ def self_label(cfg: ClusterConfig, scan_file: Path, source, network, reader, hea
         loss, count = self_label_loss(logits[: len(weak_view)], logits[len(weak_view):], threshold)
         return loss, count / len(weak_view)  # "accuracy" of the metrics file: the confident fraction
 
-    options = TrainOptions(epochs=cfg.self_label_epochs, batch_size=min(cfg.batch_size, len(source)), lr=cfg.self_label_lr,
-                           optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
+    options = TrainOptions(epochs=cfg.self_label_epochs, batch_size=min(cfg.batch_size, rows_per_rank(len(source))),
+                           lr=cfg.self_label_lr, optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
                            device=cfg.device, workers=cfg.workers, progress=cfg.progress)
     record = make_provenance("checkpoint", "scan", cfg.recorded_config(),
                              {"step": "self-label", "threshold": cfg.threshold, "epochs": cfg.self_label_epochs,

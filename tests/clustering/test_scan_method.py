@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from ssl_cli.clustering import scan
 from ssl_cli.clustering.metrics import nmi
-from ssl_cli.clustering.scan import (ClusterHeads, feature_statistics, head_losses, mine_neighbours,
+from ssl_cli.clustering.scan import (ClusterHeads, assign, feature_statistics, head_losses, mine_neighbours,
                                      neighbour_agreement, scan_step)
 from ssl_cli.errors import UserError
+from ssl_cli.train.distributed import ProcessGroup, row_share
 
 TOY_CLASSES = 4
 
@@ -69,6 +71,60 @@ def test_heads_recover_the_classes_of_toy_features_from_their_neighbours():
         assignments = model(features)[int(np.argmin(losses))].argmax(1).numpy()
     assert nmi(targets, assignments) > 0.95
     assert len(np.unique(assignments)) == TOY_CLASSES  # the entropy term keeps every cluster in use
+
+
+def reference_head_losses(model: ClusterHeads, features: torch.Tensor, neighbours: np.ndarray,
+                          entropy_weight: float) -> list[float]:
+    """The whole-set SCAN loss of each head as written first: (N, K, k) neighbour predictions at once."""
+    index = torch.from_numpy(neighbours)
+    losses = []
+    with torch.no_grad():
+        for logits in model(features):
+            probs = logits.float().softmax(1)
+            agreement = (probs[:, None, :] * probs[index]).sum(2).clamp_min(1e-7)
+            mean = probs.mean(0)
+            entropy = -(mean * mean.clamp_min(1e-8).log()).sum()
+            losses.append(float(-agreement.log().mean() - entropy_weight * entropy))
+    return losses
+
+
+@pytest.mark.parametrize("block_elements", [1, 97, 1 << 22])  # one row a block, uneven blocks, one block
+def test_head_losses_in_row_blocks_equal_the_whole_set_reference(block_elements, monkeypatch):
+    features, _ = blobs(per_class=15, dim=8)  # 60 rows
+    neighbours, _ = mine_neighbours(features, 6)
+    torch.manual_seed(1)
+    model = ClusterHeads(8, 5, 3, *feature_statistics(features))
+    monkeypatch.setattr(scan, "BLOCK_ELEMENTS", block_elements)
+    got = head_losses(model, features, neighbours, 5.0)
+    assert got == pytest.approx(reference_head_losses(model, features, neighbours, 5.0), abs=1e-5)
+
+
+@pytest.mark.parametrize("block_elements", [1, 50, 1 << 22])
+def test_the_assignment_pass_in_row_blocks_is_the_heads_argmax(block_elements, monkeypatch):
+    features, _ = blobs(per_class=15, dim=8)
+    torch.manual_seed(2)
+    model = ClusterHeads(8, 5, 2, *feature_statistics(features))
+    monkeypatch.setattr(scan, "BLOCK_ELEMENTS", block_elements)
+    assignments, confidence, shares = assign(model, features, head=1)
+    with torch.no_grad():
+        probs = model(features)[1].softmax(1)
+    assert assignments.dtype == np.int64 and confidence.dtype == np.float32 and shares == [60]
+    assert np.array_equal(assignments, probs.argmax(1).numpy())
+    assert np.allclose(confidence, probs.max(1).values.numpy(), atol=1e-6)
+
+
+def test_agreement_in_blocks_counts_what_the_whole_comparison_counts(monkeypatch):
+    rng = np.random.default_rng(0)
+    targets, indices = rng.integers(3, size=50), rng.integers(50, size=(50, 4))
+    monkeypatch.setattr(scan, "AGREEMENT_BLOCK", 7)
+    assert neighbour_agreement(indices, targets) == pytest.approx((targets[indices] == targets[:, None]).mean())
+
+
+@pytest.mark.parametrize("n, world", [(96, 2), (7, 3), (2, 4), (0, 2)])
+def test_row_shares_cover_the_rows_once_in_order(n, world):
+    shares = [row_share(n, ProcessGroup(rank, world)) for rank in range(world)]
+    assert [row for share in shares for row in share] == list(range(n))
+    assert max(len(share) for share in shares) == -(-n // world)
 
 
 # --- the stage on toy images -------------------------------------------------------------------------
