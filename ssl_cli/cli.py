@@ -195,11 +195,16 @@ def toy_data(
     classes: Annotated[Optional[int], typer.Option("--classes", help=describe(ToyDataConfig, "classes"), show_default=False)] = None,
     size: Annotated[Optional[int], typer.Option("--size", help=describe(ToyDataConfig, "size"), show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help=describe(ToyDataConfig, "seed"), show_default=False)] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help=describe(ToyDataConfig, "format"), metavar="auto|folder|h5", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help=describe(ToyDataConfig, "workers"), show_default=False)] = None,
     force: Force = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of option defaults; flags override it")] = None,
 ) -> None:
-    """Write deterministic toy images of C classes (shapes x colours x textures, with noise)."""
-    cfg = resolve(ToyDataConfig, config, {"out": out, "n": n, "classes": classes, "size": size, "seed": seed})
+    """Write deterministic toy images of C classes (shapes x colours x textures, with noise): a folder of PNGs, or
+    with OUT ending in .h5 one image store for --data (ImageNet's 1,281,167 rows at 32 px: 3.9 GB, no PNG files).
+    Re-running the same command resumes an interrupted run; a finished one is up to date."""
+    cfg = resolve(ToyDataConfig, config, {"out": out, "n": n, "classes": classes, "size": size, "seed": seed,
+                                          "format": format, "workers": workers})
     from ssl_cli.stages import toy_data as stage
 
     ui.show_result(stage.run(cfg, force=bool(force), reporter=ui.RichReporter()))

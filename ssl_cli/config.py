@@ -250,11 +250,28 @@ class PseudolabelConfig(StageConfig):
 
 class ToyDataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    out: Path = Field(description="folder to write <class>/<index>.png into")
+    # Fields that do not change the images: never part of the fingerprint or the folder's manifest.
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = frozenset({"out", "format", "workers"})
+    out: Path = Field(description="a folder to write <class>/<index>.png into, or an .h5/.hdf5 file: one image store "
+                      "(images, sample_ids <class>/<index>.png, targets) that every stage reads as --data")
     n: int = Field(400, ge=2, description="number of images")
     classes: int = Field(4, ge=2, le=84, description="number of classes, 2-84")
     size: int = Field(32, ge=16, le=512, description="image side in pixels")
     seed: int = Field(0, ge=0, description="random seed")
+    format: Literal["auto", "folder", "h5"] = Field("auto", description="auto: an OUT ending in .h5 or .hdf5 is an "
+                                                   "image store, anything else a folder of PNGs")
+    workers: int | None = Field(None, ge=1, le=256, description="processes drawing images (default: the CPU count)")
+
+    def result_config(self) -> dict[str, Any]:
+        """The fields that change the images: n, classes, size, seed."""
+        return self.model_dump(mode="json", exclude=set(self.DISPLAY_ONLY))
+
+    @property
+    def store(self) -> bool:
+        """Whether OUT is one HDF5 image store rather than a folder of PNGs."""
+        if self.format != "auto":
+            return self.format == "h5"
+        return self.out.suffix.lower() in (".h5", ".hdf5")
 
     @model_validator(mode="after")
     def _enough_images(self) -> "ToyDataConfig":

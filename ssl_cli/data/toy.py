@@ -7,14 +7,24 @@ own, in any order or in parallel, and comes out byte-identical.
 
 The classes are meant to be separable (even raw pixels cluster them well above chance) but not
 trivially: two images of one class never match, and some classes share a shape, a hue or a texture.
+
+A corpus of ``n`` images is drawn in blocks of consecutive indices (``draw_toy_blocks``), in a pool
+of worker processes when asked; the blocks come back in index order, so whoever writes them (a
+folder of PNGs here, an HDF5 store in ``stages.toy_data``) sees the same rows whatever the pool.
 """
 
 from __future__ import annotations
 
 import colorsys
 import math
+import multiprocessing
 import os
-from collections.abc import Callable
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +48,14 @@ _LABEL_STREAM = 0x1ABE1
 # polygon fill has no antialiasing of its own. The canvas is capped so huge sizes stay cheap.
 _SUPERSAMPLE = 4
 _MAX_CANVAS = 1024
+
+# A block of consecutive images is one task of the pool: about 4 MiB of pixels (256 images at
+# 32 px, 27 at 224 px), so a task is worth its pickling and the blocks in flight stay small.
+_BLOCK_BYTES = 4 << 20
+_MAX_BLOCK_ROWS = 256
+_MIN_BLOCK_ROWS = 8
+# Starting worker processes costs about half a second; fewer blocks than this are drawn in-process.
+_MIN_POOL_BLOCKS = 4
 
 
 def class_names(classes: int) -> list[str]:
@@ -71,6 +89,67 @@ def toy_labels(n: int, classes: int, seed: int) -> np.ndarray:
     balanced = np.arange(n, dtype=np.int64) % classes
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_LABEL_STREAM,)))
     return rng.permutation(balanced)
+
+
+def toy_sample_id(class_name: str, index: int) -> str:
+    """The relative path of image ``index`` in a toy folder, ``<class_name>/<index:06d>.png``; also its
+    sample id in a toy HDF5 store, so the two forms of one corpus join by id."""
+    return f"{class_name}/{index:06d}.png"
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def block_rows_for(size: int) -> int:
+    """Images per block for side ``size``: about 4 MiB of pixels, between 8 and 256 images."""
+    return max(_MIN_BLOCK_ROWS, min(_MAX_BLOCK_ROWS, _BLOCK_BYTES // (size * size * 3)))
+
+
+def draw_toy_block(first: int, labels: np.ndarray, classes: int, size: int, seed: int) -> np.ndarray:
+    """Images ``first .. first + len(labels) - 1``, image ``first + j`` of class ``labels[j]``.
+
+    Returns:
+        images: (len(labels), size, size, 3) uint8, row ``j`` equal to
+        ``draw_toy_image(first + j, labels[j], classes, size, seed)``.
+    """
+    images = np.empty((len(labels), size, size, 3), dtype=np.uint8)
+    for offset, label in enumerate(labels.tolist()):
+        images[offset] = draw_toy_image(first + offset, label, classes, size, seed)
+    return images
+
+
+def draw_toy_blocks(
+    n: int,
+    classes: int,
+    size: int,
+    seed: int,
+    start: int = 0,
+    workers: int = 1,
+    block_rows: int | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Draw images ``start .. n - 1`` of the toy corpus of ``n`` images, in blocks, in index order.
+
+    ``workers > 1`` draws the blocks in that many processes (when there are enough blocks to pay
+    for starting them); at most two blocks per worker are in flight, so memory stays bounded in
+    ``n``. The result does not depend on ``workers`` or ``block_rows``.
+
+    Yields:
+        (first, images, labels): the block's first index, (b, size, size, 3) uint8 images and
+        their (b,) int64 labels, ``labels == toy_labels(n, classes, seed)[first:first + b]``.
+    """
+    _check_corpus(n, classes, size, seed)
+    if not 0 <= start <= n:
+        raise ValueError(f"start must be in [0, {n}], got {start}")
+    labels = toy_labels(n, classes, seed)
+    rows = block_rows or block_rows_for(size)
+    firsts = range(start, n, rows)
+    tasks = ((first, labels[first : first + rows], classes, size, seed) for first in firsts)
+    for first, images in zip(firsts, _ordered_map(draw_toy_block, tasks, len(firsts), workers)):
+        yield first, images, labels[first : first + len(images)]
 
 
 def draw_toy_image(index: int, label: int, classes: int, size: int, seed: int) -> np.ndarray:
@@ -111,46 +190,102 @@ def write_toy_folder(
     size: int,
     seed: int,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
+    block_rows: int | None = None,
 ) -> dict:
     """Write ``n`` toy images as ``out/<class_name>/<index:06d>.png``.
 
     Resumable: an index whose final PNG already exists is skipped, which is safe because its
     content is fully determined by ``(seed, index)``. Each PNG is written to ``<name>.png.partial``
     and renamed into place, so a killed run never leaves a truncated file under the final name.
+    ``workers > 1`` writes blocks of PNGs in that many processes (see ``draw_toy_blocks``).
 
     Args:
-        progress: called after every index (written or skipped) with the number of images done
-            so far, from 1 to ``n``.
+        progress: called after every block of indices (written or skipped) with the number of
+            images done so far, increasing to ``n``.
 
     Returns:
         summary: ``{"n", "classes", "size", "seed", "path"}`` with ``path`` the output folder as
         a string.
     """
-    if classes < 2 or classes > MAX_CLASSES:
-        raise ValueError(f"classes must be between 2 and {MAX_CLASSES}, got {classes}")
-    if n < classes:
-        raise ValueError(f"n must be at least classes ({classes}) so every class gets an image, got {n}")
-    _check_size(size)
-    _check_seed(seed)
-
+    _check_corpus(n, classes, size, seed)
     out = Path(out)
     names = class_names(classes)
     for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)
 
     labels = toy_labels(n, classes, seed)
-    for index, label in enumerate(labels.tolist()):
-        final = out / names[label] / f"{index:06d}.png"
-        if not final.exists():
-            image = draw_toy_image(index, label, classes, size, seed)
-            partial = final.with_name(final.name + ".partial")
-            # The suffix is not .png, so PIL must be told the format.
-            Image.fromarray(image, mode="RGB").save(partial, format="PNG")
-            os.replace(partial, final)
+    rows = block_rows or block_rows_for(size)
+    firsts = range(0, n, rows)
+    tasks = ((out, names, first, labels[first : first + rows], classes, size, seed) for first in firsts)
+    for first, count in zip(firsts, _ordered_map(_write_png_block, tasks, len(firsts), workers)):
         if progress is not None:
-            progress(index + 1)
+            progress(first + count)
 
     return {"n": n, "classes": classes, "size": size, "seed": seed, "path": str(out)}
+
+
+def _write_png_block(
+    out: Path, names: list[str], first: int, labels: np.ndarray, classes: int, size: int, seed: int
+) -> int:
+    """Write the block's PNGs that are not there yet; returns the block's length."""
+    for offset, label in enumerate(labels.tolist()):
+        index = first + offset
+        final = out / toy_sample_id(names[label], index)
+        if final.exists():
+            continue
+        image = draw_toy_image(index, label, classes, size, seed)
+        partial = final.with_name(final.name + ".partial")
+        # The suffix is not .png, so PIL must be told the format.
+        Image.fromarray(image, mode="RGB").save(partial, format="PNG")
+        os.replace(partial, final)
+    return len(labels)
+
+
+def _ordered_map(task: Callable, arguments: Iterable[tuple], count: int, workers: int) -> Iterator:
+    """``task(*args)`` for each of ``count`` argument tuples, yielded in order.
+
+    In-process unless ``workers > 1`` and there are at least ``_MIN_POOL_BLOCKS`` tasks; then in a
+    pool of fresh ("spawn") processes, so no lock or thread of the caller (an open HDF5 file, a
+    progress bar) is copied into them, with at most ``2 * workers`` tasks submitted ahead.
+    """
+    arguments = iter(arguments)
+    if workers <= 1 or count < _MIN_POOL_BLOCKS:
+        for args in arguments:
+            yield task(*args)
+        return
+    workers = min(workers, count)
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(os.getpid(),),
+    )
+    pending: deque[Future] = deque()
+    try:
+        for args in arguments:
+            pending.append(pool.submit(task, *args))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # An interrupted caller (Ctrl-C, a kill of the writer) must not leave drawing processes behind.
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(parent: int) -> None:
+    """Ctrl-C is the parent's to handle (it stops the pool); a worker whose parent died exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _class_recipe(label: int) -> tuple[str, str, str]:
@@ -270,6 +405,14 @@ def _unit_outlines(shape: str, rng: np.random.Generator) -> list[tuple[np.ndarra
         reach = np.where(np.arange(10) % 2 == 0, 1.1, 0.45)
         return [(np.stack([reach * np.cos(t), reach * np.sin(t)], axis=1), 255)]
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+
+def _check_corpus(n: int, classes: int, size: int, seed: int) -> None:
+    _check_classes(classes)
+    if n < classes:
+        raise ValueError(f"n must be at least classes ({classes}) so every class gets an image, got {n}")
+    _check_size(size)
+    _check_seed(seed)
 
 
 def _check_classes(classes: int) -> None:

@@ -103,12 +103,12 @@ def build_config(name: str, stage: StageSpec, base: Path, force: bool) -> Any:
 def output_state(name: str, stage: StageSpec, base: Path) -> tuple[str, str]:
     """(action, why) for one stage whose inputs exist: skip, resume, or run."""
     cfg = build_config(name, stage, base, force=False)
-    if stage.cmd == "toy-data":
+    if stage.cmd == "toy-data" and not cfg.store:  # a folder keeps a manifest; a store is an artifact like any
         manifest = cfg.out / toy_data.MANIFEST
         if not manifest.exists():
             return "run", "no output yet"
         recorded = json.loads(manifest.read_text())
-        if recorded["params"] != cfg.model_dump(mode="json", exclude={"out"}):
+        if recorded["params"] != toy_data.folder_params(cfg):
             return "run", "stale: settings changed (replaces the output)"
         return ("skip", "up to date") if recorded["complete"] else ("resume", "interrupted earlier")
     _, module = COMMANDS[stage.cmd]

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssl_cli.data import toy
 from ssl_cli.data.toy import (
     MAX_CLASSES,
+    block_rows_for,
     class_names,
+    draw_toy_blocks,
     draw_toy_image,
     toy_labels,
     write_toy_folder,
@@ -110,10 +113,10 @@ def test_raw_pixels_separate_classes_but_not_trivially() -> None:
 def test_folder_layout_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "toy"
     done: list[int] = []
-    summary = write_toy_folder(out, n=26, classes=4, size=16, seed=5, progress=done.append)
+    summary = write_toy_folder(out, n=26, classes=4, size=16, seed=5, progress=done.append, block_rows=10)
 
     assert summary == {"n": 26, "classes": 4, "size": 16, "seed": 5, "path": str(out)}
-    assert done == list(range(1, 27))
+    assert done == [10, 20, 26]
     assert sorted(p.name for p in out.iterdir()) == class_names(4)
 
     labels = toy_labels(26, 4, seed=5)
@@ -126,6 +129,51 @@ def test_folder_layout_and_summary(tmp_path: Path) -> None:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
         assert np.array_equal(pixels, draw_toy_image(index, int(label), 4, 16, seed=5))
+
+
+@pytest.fixture
+def pools(monkeypatch) -> list[int]:
+    """The worker counts of the process pools started (so a test knows its pool really ran)."""
+    started: list[int] = []
+
+    class Spy(toy.ProcessPoolExecutor):
+        def __init__(self, max_workers: int, **kwargs) -> None:
+            started.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+
+    monkeypatch.setattr(toy, "ProcessPoolExecutor", Spy)
+    return started
+
+
+def test_blocks_from_a_pool_equal_the_images_drawn_one_by_one(pools: list[int]) -> None:
+    n, classes, size, seed = 44, 5, 16, 9
+    labels = toy_labels(n, classes, seed)
+    expected = np.stack([draw_toy_image(i, int(y), classes, size, seed) for i, y in enumerate(labels)])
+
+    # 6 blocks of 8 (the last one short) in 2 spawned processes, starting after 3 images.
+    blocks = list(draw_toy_blocks(n, classes, size, seed, start=3, workers=2, block_rows=8))
+    assert [first for first, _, _ in blocks] == [3, 11, 19, 27, 35, 43]
+    images = np.concatenate([block for _, block, _ in blocks])
+    assert images.dtype == np.uint8 and images.shape == (n - 3, size, size, 3)
+    assert images.tobytes() == expected[3:].tobytes()
+    assert np.array_equal(np.concatenate([y for _, _, y in blocks]), labels[3:])
+    assert pools == [2]
+    assert list(draw_toy_blocks(n, classes, size, seed, start=n)) == []
+
+
+def test_block_rows_keep_a_block_near_4_mib() -> None:
+    assert block_rows_for(32) == 256
+    assert block_rows_for(224) == 27
+    assert block_rows_for(512) == 8
+
+
+def test_pool_written_folder_equals_the_in_process_one(tmp_path: Path, pools: list[int]) -> None:
+    write_toy_folder(tmp_path / "one", n=30, classes=3, size=16, seed=4)
+    done: list[int] = []
+    write_toy_folder(tmp_path / "pool", n=30, classes=3, size=16, seed=4, workers=2, block_rows=6, progress=done.append)
+    assert done == [6, 12, 18, 24, 30]
+    assert pools == [2]
+    assert _files(tmp_path / "pool") == _files(tmp_path / "one")
 
 
 def test_rerun_after_a_kill_resumes_with_identical_files(tmp_path: Path) -> None:
