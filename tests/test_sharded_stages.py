@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from ssl_cli.config import ClusterConfig
 from ssl_cli.stages import cluster, extract
@@ -107,3 +108,80 @@ def test_an_interrupted_part_resumes_to_the_same_rows(broken_toy, extract_cfg, t
         assert got.attrs["shard_start"] == rows.start and got.attrs["rows_done"] == len(rows)
         assert got["features"][...].tobytes() == want["features"][expected].tobytes()
         np.testing.assert_array_equal(got["sample_ids"][...], want["sample_ids"][expected])
+
+
+# --- ssl cluster --------------------------------------------------------------------------------------
+
+CLUSTER = ["--k", 4, "--pca-dim", 16, "--chunk-rows", 32, "--device", "cpu", "--no-progress"]
+
+
+def test_torchrun_torch_kmeans_equals_one_process_and_each_rank_read_its_blocks(features_h5, cli, tmp_path) -> None:
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    assert cli("cluster", "--features", features_h5, "--out", one, "--backend", "torch", *CLUSTER).exit_code == 0
+    torchrun(["cluster", "--features", features_h5, "--out", two, "--backend", "torch", *CLUSTER])
+    want, got = datasets(one), datasets(two)
+    assert sorted(got) == sorted(want)
+    for name in want:  # PCA, centroids, objective, assignments, distances: the same numbers
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    with h5py.File(two, "r") as handle:
+        # 96 rows in read blocks of 32: rank 0 reads block 0, rank 1 blocks 1 and 2
+        assert handle.attrs["ranks"] == 2 and handle.attrs["rank_rows"] == "[32, 64]"
+
+
+def test_faiss_kmeans_on_gathered_sample_equals_faiss_on_every_row(features_h5, tmp_path) -> None:
+    """The stage never builds the (N, d) array, yet gets what faiss makes of it (it subsamples 8 x 4 rows)."""
+    from ssl_cli.artifacts.h5 import H5Artifact
+    from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans
+    from ssl_cli.clustering.stream import fit_pca_streamed, reduce_streamed
+
+    cfg = ClusterConfig(features=features_h5, out=tmp_path / "c.h5", k=4, pca_dim=16, chunk_rows=40,
+                        max_points_per_centroid=8, niter=5, progress=False)
+    cluster.run(cfg)
+    with H5Artifact(features_h5, "features") as features:
+        x = reduce_streamed(features, fit_pca_streamed(features, 16, cfg.pca_sample, 0, 40), 40)
+    bare = train_kmeans(x, 4, 5, 0, 8, "faiss", gpu="off")
+    distances, ids = nearest_centroids(x, bare.centroids, 1, "faiss")
+    got = datasets(cfg.out)
+    np.testing.assert_array_equal(got["centroids"], bare.centroids)
+    np.testing.assert_array_equal(got["objective"], bare.objective)
+    np.testing.assert_array_equal(got["assignments"], ids[:, 0])
+    np.testing.assert_array_equal(got["distances"], distances[:, 0])
+
+
+def test_a_shard_reads_only_its_rows(features_h5, monkeypatch) -> None:
+    from ssl_cli.artifacts.h5 import H5Artifact
+    from ssl_cli.clustering import sharded
+    from ssl_cli.clustering.stream import fit_pca_streamed
+
+    reads: list[tuple[int, int]] = []
+    real = H5Artifact.iter_rows
+
+    def counted(self, name, chunk_rows, start=0):
+        for offset, block in real(self, name, chunk_rows, start):
+            reads.append((offset, offset + len(block)))
+            yield offset, block
+
+    with H5Artifact(features_h5, "features") as features:
+        whole = fit_pca_streamed(features, 16, 100_000, 0, 32)
+        monkeypatch.setattr(H5Artifact, "iter_rows", counted)
+        alone = ProcessGroup()
+        assert sharded.shard_rows(96, 32, ProcessGroup(rank=1, world=2)) == range(32, 96)
+        pca = sharded.fit_pca_sharded(features, 16, 100_000, 0, 32, range(0, 96), alone, torch.device("cpu"))
+        for part in ("mean", "components", "scale"):  # one process: fit_pca_streamed's numbers exactly
+            np.testing.assert_array_equal(getattr(pca, part), getattr(whole, part))
+        reads.clear()
+        sharded.fit_pca_sharded(features, 16, 100_000, 0, 32, range(32, 96), alone, torch.device("cpu"))
+        x = sharded.reduce_rows(features, pca, 32, range(32, 96))
+        sharded.assign_rows(features, pca, 32, range(32, 96), np.zeros((4, 16), np.float32), "torch")
+    assert x.shape == (64, 16)
+    assert reads and all(32 <= start and stop <= 96 for start, stop in reads), reads
+
+
+def test_faiss_backend_under_torchrun_is_refused_with_the_way_out(features_h5, tmp_path, monkeypatch) -> None:
+    from ssl_cli.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # a rank that claims no lock, so nothing is held by the refusal
+    with pytest.raises(UserError, match="--backend torch"):
+        cluster.run(ClusterConfig(features=features_h5, out=tmp_path / "c.h5", k=4, progress=False))
+    assert not (tmp_path / "c.h5.partial").exists()

@@ -46,6 +46,27 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, max_points_per_ce
                         objective=[float(v) for v in kmeans.obj])
 
 
+def faiss_training_rows(n: int, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray | None:
+    """The rows faiss's k-means trains on when given all `n` rows: (k * max_points_per_centroid,) int64
+    row ids in the order faiss copies them (its `rand_perm(n, seed)`), or None where it trains on all.
+
+    Gathering these rows (`train_kmeans_on_sample`) instead of handing faiss every row gives the
+    same centroids without the (N, d) array and faiss's own copy of the sample next to it.
+    """
+    if n <= k * max_points_per_centroid:
+        return None
+    faiss = import_faiss()
+    perm = np.empty(n, dtype=np.int32)
+    faiss.rand_perm(faiss.swig_ptr(perm), n, seed)
+    return perm[: k * max_points_per_centroid].astype(np.int64)
+
+
+def train_kmeans_on_sample(sample: np.ndarray, k: int, niter: int, seed: int, gpu: str = "auto") -> KMeansResult:
+    """faiss k-means on exactly these rows, no further subsampling: sample (m, d) float32, the rows
+    `faiss_training_rows` names in its order -> the centroids faiss makes from all N rows."""
+    return train_kmeans(sample, k, niter, seed, -(-len(sample) // k), "faiss", gpu)
+
+
 def nearest_centroids(x: np.ndarray, centroids: np.ndarray, topk: int, backend: str,
                       device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """x: (N, d), centroids: (k, d) -> (N, topk) squared distances ascending, (N, topk) int64 ids."""

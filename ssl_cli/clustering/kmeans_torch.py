@@ -229,9 +229,9 @@ def kmeans_torch(
         centroid_norms = (centroids * centroids).sum(dim=1)
         for block in x_train.split(rows):
             distances, ids = _nearest(block, centroids, centroid_norms)
-            block_sums = torch.zeros((k, d), dtype=torch.float32, device=x.device)
-            block_sums.index_add_(0, ids, block)
-            sums += block_sums
+            # Each point is added in float64, in row order: a float32 sum per block would round
+            # differently wherever the blocks begin, so W shards would not give one process's centroids.
+            sums.index_add_(0, ids, block.to(torch.float64))
             counts += torch.bincount(ids, minlength=k)
             inertia += distances.sum(dtype=torch.float64)
         _all_reduce_sum(totals)

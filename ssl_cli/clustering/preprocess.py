@@ -104,6 +104,27 @@ class CovarianceAccumulator:
         self._outer += centred.T @ centred
         self._count += chunk.shape[0]
 
+    def state(self, dim: int) -> np.ndarray:
+        """Everything accumulated, as one flat float64 array of 1 + D + D + D * D values (count,
+        shift, sum, outer products), so it can travel between torchrun ranks. dim: D."""
+        state = np.zeros(1 + 2 * dim + dim * dim, dtype=np.float64)
+        state[0] = self._count
+        if self._shift is not None and self._sum is not None and self._outer is not None:
+            state[1 : 1 + dim], state[1 + dim : 1 + 2 * dim], state[1 + 2 * dim :] = \
+                self._shift, self._sum, self._outer.ravel()
+        return state
+
+    @classmethod
+    def from_state(cls, state: np.ndarray, dim: int) -> "CovarianceAccumulator":
+        """The accumulator `state(dim)` describes; adding to it continues the same float64 sums."""
+        accumulator = cls()
+        accumulator._count = int(state[0])
+        if accumulator._count:  # the shift is set by the first non-empty chunk, with the count
+            accumulator._shift = state[1 : 1 + dim].copy()
+            accumulator._sum = state[1 + dim : 1 + 2 * dim].copy()
+            accumulator._outer = state[1 + 2 * dim :].reshape(dim, dim).copy()
+        return accumulator
+
     def covariance(self) -> tuple[np.ndarray, np.ndarray]:
         """Returns the (D,) float64 mean and the (D, D) float64 sample covariance (n - 1 divisor)."""
         if self._count < 2 or self._shift is None or self._sum is None or self._outer is None:

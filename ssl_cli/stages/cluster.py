@@ -12,10 +12,12 @@ from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
 from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.outputs import plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
-from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans, use_faiss_gpu
+from ssl_cli.clustering.kmeans import (KMeansResult, faiss_training_rows, train_kmeans, train_kmeans_on_sample,
+                                       use_faiss_gpu)
 from ssl_cli.clustering.metrics import cluster_quality
-from ssl_cli.clustering.preprocess import auto_pca_dim
-from ssl_cli.clustering.stream import chunk_rows_for, fit_pca_streamed, pca_arrays, reduce_streamed
+from ssl_cli.clustering.preprocess import PCA, auto_pca_dim
+from ssl_cli.clustering.sharded import assign_rows, fit_pca_sharded, gather_reduced_rows, reduce_rows, shard_rows
+from ssl_cli.clustering.stream import chunk_rows_for, pca_arrays
 from ssl_cli.clustering.summary import describe_pca, summary_of
 from ssl_cli.config import ClusterConfig
 from ssl_cli.device import resolve_device
@@ -69,46 +71,100 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
             raise UserError(f"--k {cfg.k} is larger than the {n} feature rows in {cfg.features}; use --k {n} or less")
         began = time.perf_counter()
         pca_dim = pca_dim_for(cfg, features)
+        device, group = placement(cfg)
+        chunk = chunk_rows_for(features, cfg.chunk_rows)
+        rows = shard_rows(n, chunk, group)  # every row without torchrun
         with reporter.progress(f"preprocess (PCA-whiten to {pca_dim}, L2)" if pca_dim else "preprocess (L2)",
                                total=None):
-            chunk = chunk_rows_for(features, cfg.chunk_rows)
-            pca = fit_pca_streamed(features, pca_dim, cfg.pca_sample, cfg.seed, chunk) if pca_dim else None
-            x = reduce_streamed(features, pca, chunk)
-        device = resolve_device(cfg.device) if cfg.backend == "torch" else None
-        group = distributed.setup(device.type) if cfg.backend == "torch" else distributed.ProcessGroup()
-        if group.active and device.type == "cuda":
-            device = torch.device("cuda", group.local_rank)
+            pca = fit_pca_sharded(features, pca_dim, cfg.pca_sample, cfg.seed, chunk, rows, group, device) \
+                if pca_dim else None
         on_gpu = use_faiss_gpu(cfg.gpu) if cfg.backend == "faiss" else device.type == "cuda"
         with reporter.progress(f"k-means k={cfg.k} ({cfg.backend}{', GPU' if on_gpu else ''}"
                                f"{f', {group.world} ranks' if group.active else ''})", total=None):
-            # Under torchrun each rank iterates over its own contiguous shard; sums are all-reduced.
-            shard = x[group.rank * n // group.world : (group.rank + 1) * n // group.world]
-            result = train_kmeans(shard, cfg.k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, cfg.backend,
-                                  cfg.gpu, device)
-            if not group.is_main:
-                distributed.barrier(group)
-                distributed.teardown(group)
-                return StageResult("cluster", cfg.out, "written by rank 0", {})
-            distances, ids = nearest_centroids(x, result.centroids, 1, cfg.backend, device)
+            if cfg.backend == "torch":
+                result, distances, assignments = kmeans_torch_sharded(cfg, features, pca, chunk, rows, group, device)
+            else:
+                result, distances, assignments = kmeans_faiss_streamed(cfg, features, pca, chunk)
+        rank_rows = distributed.gather_counts(len(rows), group)  # the rows each rank read and assigned
+        if not group.is_main:
+            distributed.barrier(group)  # returns once rank 0 has written cfg.out
+            distributed.teardown(group)
+            return StageResult("cluster", cfg.out, "written by rank 0", {})
         seconds = time.perf_counter() - began
-        assignments = ids[:, 0]
         sizes = np.bincount(assignments, minlength=cfg.k)
         targets = features.array("targets") if "targets" in features else np.full(n, -1, np.int64)
         quality = cluster_quality(targets, assignments)
         sample_ids = features.strings("sample_ids")
+        dim = pca_dim or int(features["features"].shape[1])
     summary = {
-        "k": cfg.k, "rows": n, "dim": int(x.shape[1]), "pca": describe_pca(pca_dim, pca is not None, cfg.pca_dim),
+        "k": cfg.k, "rows": n, "dim": dim, "pca": describe_pca(pca_dim, pca is not None, cfg.pca_dim),
         "empty_clusters": int((sizes == 0).sum()),
         "objective": result.objective[-1] if result.objective else None,
         "largest_cluster": int(sizes.max()), "seconds": round(seconds, 3), "metrics": quality,
     }
     out = write_arrays(cfg.out, provenance, {
         "centroids": result.centroids, "objective": np.asarray(result.objective, np.float64),
-        "cluster_sizes": sizes.astype(np.int64), "assignments": assignments.astype(np.int64),
-        "distances": distances[:, 0], "sample_ids": sample_ids, "targets": targets, **pca_arrays(pca),
+        "cluster_sizes": sizes.astype(np.int64), "assignments": assignments,
+        "distances": distances, "sample_ids": sample_ids, "targets": targets, **pca_arrays(pca),
     }, attrs={"k": cfg.k, "n_empty": summary["empty_clusters"], "n_empty_splits": result.n_empty_splits,
               "backend": cfg.backend, "gpu": bool(on_gpu), "metrics": quality or {}, "seconds": seconds,
-              "ranks": group.world, "pca_dim_used": pca_dim, "pca_whitened": pca is not None})
+              "ranks": group.world, "rank_rows": rank_rows, "pca_dim_used": pca_dim, "pca_whitened": pca is not None})
     distributed.barrier(group)
     distributed.teardown(group)
     return StageResult("cluster", out, "written", summary)
+
+
+def placement(cfg: ClusterConfig) -> tuple[torch.device | None, distributed.ProcessGroup]:
+    """The torch backend's device and process group (under torchrun); faiss runs in one process."""
+    if cfg.backend == "faiss":
+        if distributed.launched_world()[1] > 1:
+            raise UserError("--backend faiss runs in one process (on every GPU of this machine); run it without "
+                            "torchrun, or pass --backend torch to share the rows across torchrun ranks")
+        return None, distributed.ProcessGroup()
+    device = resolve_device(cfg.device)
+    group = distributed.join(device.type)  # may follow another stage's teardown (`ssl run`)
+    if group.active and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
+    return device, group
+
+
+def kmeans_faiss_streamed(cfg: ClusterConfig, features: H5Artifact, pca: PCA | None,
+                          chunk: int) -> tuple[KMeansResult, np.ndarray, np.ndarray]:
+    """faiss k-means holding only its training rows: the rows faiss would sample from all N are
+    gathered in one pass (reduced block by block), trained on, dropped; then every row is assigned
+    block by block. The centroids are those of faiss on the whole (N, d) array.
+    Returns the result, (N,) float32 squared distances and (N,) int64 assignments."""
+    n = features.rows("features")
+    picks = faiss_training_rows(n, cfg.k, cfg.max_points_per_centroid, cfg.seed)
+    if picks is None:  # faiss trains on every row: keep them for the assignment too
+        x = reduce_rows(features, pca, chunk, range(n))
+        result = train_kmeans_on_sample(x, cfg.k, cfg.niter, cfg.seed, cfg.gpu)
+        distances, ids = assign_rows(features, pca, chunk, range(n), result.centroids, "faiss", reduced=x)
+        return result, distances, ids
+    sample = gather_reduced_rows(features, pca, chunk, picks)
+    result = train_kmeans_on_sample(sample, cfg.k, cfg.niter, cfg.seed, cfg.gpu)
+    del sample
+    distances, ids = assign_rows(features, pca, chunk, range(n), result.centroids, "faiss")
+    return result, distances, ids
+
+
+def kmeans_torch_sharded(cfg: ClusterConfig, features: H5Artifact, pca: PCA | None, chunk: int, rows: range,
+                         group: distributed.ProcessGroup,
+                         device: torch.device) -> tuple[KMeansResult, np.ndarray, np.ndarray]:
+    """Torch k-means with this rank's `rows` only (sums all-reduced); each rank assigns its rows and
+    every rank ends with all N (float32 distance, int64 assignment) pairs in row order."""
+    problem: UserError | None = None
+    try:
+        x = reduce_rows(features, pca, chunk, rows)
+    except UserError as error:  # the other ranks must hear of it, not wait for this rank for ever
+        problem = error
+    if distributed.any_rank(problem is not None, group, device):
+        distributed.teardown(group)
+        raise problem or UserError(f"{features.path} has NaN or inf in rows of another torchrun rank (its message is "
+                                   "above); re-extract the features or drop those images")
+    result = train_kmeans(x, cfg.k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, "torch", cfg.gpu, device)
+    distances, ids = assign_rows(features, pca, chunk, rows, result.centroids, "torch", device, reduced=x)
+    del x
+    distances = distributed.all_gather_rows(torch.from_numpy(distances), group).numpy()
+    ids = distributed.all_gather_rows(torch.from_numpy(ids), group).numpy()
+    return result, distances, ids

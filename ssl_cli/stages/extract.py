@@ -99,7 +99,7 @@ def run(cfg: ExtractConfig, reporter: Reporter | None = None) -> StageResult:
 
     reader = LayerReader(network.model, network.spec, layer, cfg.pool, cfg.pool_size).eval()
     device = resolve_device(cfg.device)
-    group = distributed.setup(device.type) if distributed.launched_world()[1] > 1 else distributed.ProcessGroup()
+    group = distributed.join(device.type)  # a no-op without torchrun
     if group.active and device.type == "cuda":
         device = torch.device("cuda", group.local_rank)
     reader = prepare_module(reader, device)
