@@ -191,12 +191,13 @@ def head_losses(model: ClusterHeads, features: torch.Tensor, neighbours: np.ndar
         own = head_probabilities(model, head, features[rows.start : rows.stop])  # (R, k)
         probs = distributed.gather_rows(own, n, group)  # (N, k)
         sums = torch.zeros(own.shape[1] + 1, dtype=torch.float64, device=own.device)  # sum of p, sum of log agreement
-        sums[:-1] = own.sum(0, dtype=torch.float64)
         step = rows_per_block(per_image * own.shape[1])
-        for start in range(rows.start, rows.stop, step):
+        for start in range(rows.start, rows.stop, step):  # float64 casts of blocks only, never of (N, k)
             stop = min(start + step, rows.stop)
+            sums[:-1] += probs[start:stop].sum(0, dtype=torch.float64)
             agreement = torch.bmm(probs[index[start:stop]], probs[start:stop, :, None]).squeeze(2)  # (block, K)
             sums[-1] += agreement.clamp_min(CONSISTENCY_FLOOR).log().sum(dtype=torch.float64)
+        del own, probs  # before the next head's predictions
         distributed.all_reduce_sum(sums, group)
         mean = sums[:-1] / n
         entropy = -(mean * mean.clamp_min(ENTROPY_FLOOR).log()).sum()
