@@ -243,8 +243,8 @@ def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(features (N, D) float32, targets (N,), sample ids (N,), fingerprint) of an extract output."""
     with H5Artifact(path, "features", required=("features", "sample_ids")) as handle:
         targets = handle.array("targets") if "targets" in handle else np.full(handle.rows("features"), -1, np.int64)
-        return (handle.array("features").astype(np.float32), targets.astype(np.int64), handle.strings("sample_ids"),
-                handle.fingerprint)
+        return (handle.array("features").astype(np.float32, copy=False), targets.astype(np.int64),
+                handle.strings("sample_ids"), handle.fingerprint)  # float32 on disk: no copy
 
 
 def neighbours_of(cfg: ClusterConfig, path: Path, record, method: str, features: np.ndarray, targets: np.ndarray,
