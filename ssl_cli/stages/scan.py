@@ -20,6 +20,14 @@ data reuses them, and a changed input makes a new one):
 With --assign-data, the clusters are those of other images (SCAN's protocol: train on the training
 split, score the test split); their features are cached the same way and linked as
 <stem>.assign-features.h5. The clusters' `intermediates` attribute names every file the run used.
+
+Under torchrun every step is shared by the ranks: `ssl extract` shards the images; each rank mines the
+neighbours of its `row_share` of the rows against all rows; the SCAN step and self-labelling train through
+the shared loop (DDP, each rank its share of every batch); each rank scores the heads and assigns its
+share; the pieces are gathered, rank 0 writes every file (neighbours and clusters record `ranks` and
+`rank_rows`) and the others wait at a barrier. At --batch-size B a rank, W ranks take the SCAN step one
+process takes at W x B (`scan_step`); self-labelling differs from one process (the loop seeds each rank's
+augmentations by its rank, and the class weights come from each rank's confident rows).
 """
 
 from __future__ import annotations
