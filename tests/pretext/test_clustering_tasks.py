@@ -203,8 +203,9 @@ def test_metrics_file_carries_the_labelling_figures(toy_dir, tmp_path):
     ("deepcluster", []),
 ])
 def test_two_gloo_ranks_train_one_checkpoint(task, extra, toy_dir, tmp_path):
-    """swav: the Sinkhorn sums over both ranks and the queue takes both ranks' batches; deepcluster: every
-    rank labels the whole set the same way and samples its own share."""
+    """swav: the Sinkhorn sums over both ranks and the queue takes both ranks' batches; deepcluster: each rank
+    embeds its half of the set, both get the same labels (tests/pretext/test_clustering_ranks.py checks them
+    against one process) and sample their own share."""
     import os
     import subprocess
     import sys

@@ -7,6 +7,12 @@ image in eval mode, with no gradient and without touching the training RNG; the 
 were made for and the figures of the labelling are buffers of the head, so they are in every
 checkpoint: a run killed mid-epoch resumes that epoch with the same labels and does not label again.
 
+Under torchrun each rank embeds only its contiguous share of the set (`distributed.row_share`: rows
+[r ceil(N / W), (r + 1) ceil(N / W)) of the dataset order), so W ranks run the network over the set once; the
+methods then combine the shares so that every rank holds the labels one process would make (see
+`deepcluster` and `sela`). DDP broadcasts rank 0's buffers at every forward, which is harmless here:
+the labels are already the same on every rank, and each rank's sampler is built from them before.
+
 Images are held as uint8 at the training size (in memory when they fit, see `ResizedImages`); the
 training view is the small-image recipe of `ssl train` (random flips and shifts of side/14, and an
 optional random resized crop), drawn per step on the device (`BatchAugment`).
@@ -20,7 +26,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ssl_cli.data.batch_augment import BatchAugment
 from ssl_cli.data.sources import ImageSource
@@ -29,6 +35,7 @@ from ssl_cli.errors import UserError
 from ssl_cli.models.projected import projection_block
 from ssl_cli.pretext.base import PretextTask, TaskInfo
 from ssl_cli.pretext.contrastive.base import WholeImages, check_number
+from ssl_cli.train.distributed import ProcessGroup, row_share
 from ssl_cli.train.recipe import default_shift
 
 EMBED_BATCH = 256
@@ -92,15 +99,22 @@ class ClusteringTask(PretextTask):
 
     # --- the labelling between epochs ---------------------------------------------------------------
 
+    def shard(self, group: ProcessGroup) -> range:
+        """The rows of the training set this rank embeds at a labelling (all of them without torchrun)."""
+        return row_share(self.size_of_dataset, group)
+
     @torch.no_grad()
-    def embed(self, network: nn.Module, read: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[np.ndarray]:
-        """Blocks of `read(trunk map)` over every training image in order, in eval mode: (b, ...) float32
-        arrays, at most EMBED_BATCH rows each; the training RNG and the BN statistics are left as they were."""
+    def embed(self, network: nn.Module, read: Callable[[torch.Tensor], torch.Tensor],
+              rows: range | None = None) -> Iterator[np.ndarray]:
+        """Blocks of `read(trunk map)` over the training images `rows` (default: all) in order, in eval mode:
+        (b, ...) float32 arrays, at most EMBED_BATCH rows each; the training RNG and the BN statistics are left
+        as they were."""
         if self.images is None:
             raise RuntimeError(f"{self.name}: dataset() must run before the labelling pass")
         device = next(network.parameters()).device
         normalise = self.normalise()
-        loader = DataLoader(self.images, batch_size=EMBED_BATCH, shuffle=False,
+        rows = range(len(self.images)) if rows is None else rows
+        loader = DataLoader(Subset(self.images, rows), batch_size=EMBED_BATCH, shuffle=False,
                             num_workers=0 if self.images.in_memory else 2)
         was_training = network.training
         network.eval()

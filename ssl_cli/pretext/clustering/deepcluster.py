@@ -22,9 +22,17 @@ The metrics file gets, per epoch, `nmi_previous` (the NMI between this epoch's a
 epoch's assignments: how much the labels still move), `empty_filled` and `label_seconds`. Labels,
 previous labels and those figures are buffers of the head (see `clustering.base`).
 
-Under torchrun every rank labels the whole set the same way (the same features and seeds give the
-same labels with faiss); the torch k-means backend would take each rank's copy as a shard, so use
-faiss there.
+Under torchrun each rank embeds only its contiguous share of the images (`ClusteringTask.shard`), and from
+the same features the labels come out as one process makes them: the PCA is fitted on the same seeded
+sample of rows (each rank contributes the sampled rows it holds; they are gathered in row order and fed
+to the covariance in the pieces one process reads), rank 0 fits it and sends it to every rank, each rank
+reduces its own rows, and the reduced (N, d) rows are gathered (N d float32 on every rank: 1.3 GB at
+1.28M x 256). Rank 0 alone then runs the k-means, the assignment and the empty-cluster rule and sends the
+labels to every rank: a k-means spread over the shards (the torch backend can) sums in another order and
+so moves the centroids in their last bits, and faiss on every rank would make W copies of the same work
+fight over the same GPUs. With the torch backend the other ranks take part in its all-reduces holding no
+rows, so its sums are rank 0's alone. (The features themselves come from batches that start at each
+share's first row; on a GPU, kernels chosen by batch shape can change their last bits.)
 
 Options (`--task-option KEY=VALUE`): k [100: about 10x the classes of a small labelled set; the paper
 used 10,000 on ImageNet], pca_dim [256, capped at the feature width and the images], hidden_dim
@@ -37,7 +45,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -47,11 +55,18 @@ from ssl_cli.artifacts.h5 import H5Artifact, RowWriter
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.clustering.kmeans import nearest_centroids, train_kmeans
 from ssl_cli.clustering.metrics import nmi
-from ssl_cli.clustering.stream import fit_pca_streamed, reduce_streamed
+from ssl_cli.clustering.preprocess import PCA, CovarianceAccumulator, preprocess
 from ssl_cli.errors import UserError
 from ssl_cli.pretext.clustering.base import ClusteringTask, add_label_buffers, mlp_body, reset_linear
 from ssl_cli.pretext.contrastive.base import check_number
 from ssl_cli.pretext.heads import global_pool
+from ssl_cli.train.distributed import (
+    ProcessGroup,
+    all_gather_rows,
+    any_rank,
+    broadcast_from_main,
+    current_group,
+)
 
 BACKENDS = ("auto", "faiss", "torch")
 SPLIT_EPS = 1e-4  # relative perturbation of a split centroid (faiss's CLUSTERING_EPS is 1/1024)
@@ -106,21 +121,39 @@ class DeepClusterTask(ClusteringTask):
     def relabel(self, network: nn.Module, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         head = network.head
         device = next(network.parameters()).device
+        group = current_group()
         read = lambda trunk_map: head.body(global_pool(trunk_map))  # noqa: E731
+        rows = self.shard(group)
         with tempfile.TemporaryDirectory(prefix="ssl-deepcluster-") as scratch:
-            x = preprocessed_features(self.embed(network, read), Path(scratch) / "features.h5",
-                                      self.pca_dim, self.seed + epoch)
-        backend = self.backend
-        result = train_kmeans(x, self.k, self.niter, self.seed * 1_000_003 + epoch, max_points_per_centroid=256,
-                              backend=backend, device=device)
-        _, ids = nearest_centroids(x, result.centroids, 1, backend, device)
-        labels, filled = fill_empty_clusters(x, result.centroids, ids[:, 0], np.random.default_rng([self.seed, epoch]))
+            x = preprocessed_features(self.embed(network, read, rows), Path(scratch) / "features.h5",
+                                      head.classifier.in_features, self.pca_dim, self.seed + epoch,
+                                      rows, self.size_of_dataset, group, device)
+        labels, filled = self.cluster(x, epoch, device, group)
         if int(head.labels[0]) >= 0:
             head.previous.copy_(head.labels)
             head.nmi_previous.fill_(nmi(head.previous.cpu().numpy(), labels))
         head.labels.copy_(torch.from_numpy(labels))
         head.empty_filled.fill_(filled)
         reset_linear(head.classifier, self.seed * 1_000_003 + epoch, optimizer)
+
+    def cluster(self, x: np.ndarray, epoch: int, device: torch.device,
+                group: ProcessGroup) -> tuple[np.ndarray, int]:
+        """(N, d) preprocessed features (the same on every rank) -> (N,) int64 labels with every cluster used, and
+        the number of clusters the empty-cluster rule filled; computed on rank 0, the same on every rank."""
+        seed = self.seed * 1_000_003 + epoch
+        if self.backend == "torch" and group.active:  # every rank joins its all-reduces; only rank 0 holds rows
+            result = train_kmeans(x if group.is_main else x[:0], self.k, self.niter, seed, max_points_per_centroid=256,
+                                  backend="torch", device=device)
+        elif group.is_main:
+            result = train_kmeans(x, self.k, self.niter, seed, max_points_per_centroid=256, backend=self.backend,
+                                  device=device)
+        packed = np.zeros(len(x) + 1, dtype=np.int64)  # the labels, then the count filled
+        if group.is_main:
+            _, ids = nearest_centroids(x, result.centroids, 1, self.backend, device)
+            labels, filled = fill_empty_clusters(x, result.centroids, ids[:, 0], np.random.default_rng([self.seed, epoch]))
+            packed[:-1], packed[-1] = labels, filled
+        packed = broadcast_from_main(torch.from_numpy(packed), group).numpy()
+        return packed[:-1], int(packed[-1])
 
     def sample_weights(self, head: nn.Module) -> torch.Tensor:
         """Uniform over clusters: each image weighs 1 / the size of its cluster. (N,) float64 on the CPU."""
@@ -148,24 +181,75 @@ def resolve_backend(backend: str) -> str:
     return "faiss" if backend == "auto" else backend
 
 
-def preprocessed_features(blocks, scratch: Path, pca_dim: int, seed: int) -> np.ndarray:
-    """Feature blocks ((b, D) float32, in row order) -> (N, d) PCA-whitened (d = min(pca_dim, D, N - 1);
-    0: no PCA) and L2-normalised float32 rows; the raw features pass through `scratch` on disk."""
-    writer: RowWriter | None = None
+def preprocessed_features(blocks: Iterable[np.ndarray], scratch: Path, width: int, pca_dim: int, seed: int,
+                          rows: range | None = None, total: int | None = None, group: ProcessGroup | None = None,
+                          device: torch.device | None = None) -> np.ndarray:
+    """This rank's feature blocks -> (total, d) PCA-whitened (d = min(pca_dim, width, total - 1); 0: no PCA) and
+    L2-normalised float32 rows of the whole set, the same on every rank.
+
+    blocks: (b, width) float32 arrays, the rows `rows` of the `total` in order (default: all rows, one process).
+    The raw rows pass through `scratch` on disk. The PCA is fitted on a sample of PCA_SAMPLE rows drawn from
+    `seed` over all `total` rows and fed to the covariance in the blocks a single process reads, so the result
+    does not depend on how the rows are shared among the ranks of `group` (see the module docstring). `device`
+    is where a collective's tensors go under nccl; a non-finite feature on any rank is a UserError on every rank.
+    """
+    group = group or ProcessGroup()
+    writer = RowWriter.create(scratch, make_provenance("features", "deepcluster", {}, {}, []),
+                              {"features": ((width,), np.float32)})
     for block in blocks:
-        if writer is None:
-            writer = RowWriter.create(scratch, make_provenance("features", "deepcluster", {}, {}, []),
-                                      {"features": ((block.shape[1],), np.float32), "sample_ids": ((), str)})
-        writer.append(features=block, sample_ids=np.array([""] * len(block), dtype=object))
-    if writer is None:
-        raise UserError("deepcluster: no images to cluster")
+        writer.append(features=block)
     path = writer.commit()
+    rows = rows if rows is not None else range(writer.rows_done)
+    total = total if total is not None else len(rows)
+    if total == 0:
+        raise UserError("deepcluster: no images to cluster")
+    dim = min(pca_dim, width, total - 1)
+    chunk = max(1024, (64 << 20) // (4 * width))
+    device = device or torch.device("cpu")
     with H5Artifact(path, "features", required=("features",)) as features:
-        rows, width = features["features"].shape
-        dim = min(pca_dim, width, rows - 1)
-        chunk = max(1024, (64 << 20) // (4 * width))
-        pca = fit_pca_streamed(features, dim, PCA_SAMPLE, seed, chunk) if dim > 0 else None
-        return reduce_streamed(features, pca, chunk)
+        sample = np.zeros(total, dtype=bool)  # the rows the PCA is fitted on, drawn over the whole set
+        if dim > 0:
+            sample[np.random.default_rng(seed).choice(total, size=min(total, PCA_SAMPLE), replace=False)] = True
+        picked = checked_rows(features, sample[rows.start:rows.stop], chunk, group, device)
+        pca = None
+        if dim > 0:
+            gathered = all_gather_rows(torch.from_numpy(picked), group).numpy()  # (sample rows, width) in row order
+            pca = pca_on_main(gathered, np.flatnonzero(sample), dim, chunk, group)
+        reduced = np.empty((len(rows), dim if pca is not None else width), dtype=np.float32)
+        for offset, block in features.iter_rows("features", chunk):
+            reduced[offset:offset + len(block)] = preprocess(block, pca, overwrite_x=True)
+    return all_gather_rows(torch.from_numpy(reduced), group).numpy()
+
+
+def checked_rows(features: H5Artifact, picked: np.ndarray, chunk: int, group: ProcessGroup,
+                 device: torch.device) -> np.ndarray:
+    """The rows of this rank's features that `picked` ((rows,) bool) marks, as (picked rows, width) float32, read
+    `chunk` rows at a time. A NaN or inf anywhere in the features of any rank is a UserError on every rank."""
+    kept, finite = [], True
+    for offset, block in features.iter_rows("features", chunk):
+        finite = finite and bool(np.isfinite(block).all())
+        kept.append(block[picked[offset:offset + len(block)]])
+    if any_rank(not finite, group, device):
+        raise UserError("deepcluster: the network's features hold NaN or inf, so they cannot be clustered (the "
+                        "training diverged); lower --lr or add --warmup-epochs")
+    return np.concatenate(kept) if kept else np.empty((0, features["features"].shape[1]), dtype=np.float32)
+
+
+def pca_on_main(sample: np.ndarray, rows: np.ndarray, dim: int, chunk: int, group: ProcessGroup) -> PCA:
+    """The whitening PCA (width -> dim) of `sample` ((n, width) float32, the set's rows `rows` in order), fitted by
+    rank 0 and sent to every rank. The covariance takes the sample in the pieces a single process reading the
+    whole set `chunk` rows at a time would give it, so the PCA is `stream.fit_pca_streamed`'s to the last bit."""
+    width = sample.shape[1]
+    arrays = [np.zeros(width, np.float32), np.zeros((dim, width), np.float32), np.zeros(dim, np.float32)]
+    if group.is_main:
+        accumulator = CovarianceAccumulator()
+        for piece in np.split(sample, np.flatnonzero(np.diff(rows // chunk)) + 1):
+            accumulator.update(piece)
+        pca = accumulator.finalize(dim, whiten=True)
+        arrays = [pca.mean, pca.components, pca.scale]
+    mean, components, scale = (broadcast_from_main(torch.from_numpy(np.ascontiguousarray(array)), group).numpy()
+                               for array in arrays)
+    return PCA(mean, components, scale)
 
 
 def fill_empty_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray,

@@ -6,10 +6,17 @@ The network is the trunk, the body of DeepCluster (global pool, then Linear-BN-R
 training image goes through the network in eval mode (no augmentation); for each head the (N, k)
 log-probabilities are turned into labels by the equipartition transport: Q = diag(a) P^lambda diag(b)
 with rows summing to 1/N and columns to 1/k, solved by Sinkhorn-Knopp
-(`ssl_cli.pretext.losses.sinkhorn.equipartition`), each image taking its column argmax. Between
+(`ssl_cli.pretext.losses.sinkhorn.equipartition_labels`), each image taking its column argmax. Between
 solves, the loss is the mean over heads of the cross entropy of each head against its own labels.
 The paper re-solves about 80 times over 400 ImageNet epochs (every 5 epochs); a short run on a small
 set re-solves every epoch by default.
+
+Memory: the log-probabilities are held as one (n, k) float32 matrix per head (n: the images this rank
+embeds), which the solver turns into the transport in place and iterates over in row blocks; nothing else
+grows with n beyond (n,) vectors. The solve runs on the network's device (on the CPU when the GPU has no
+room for a head's matrix). Under torchrun each rank embeds only its share of the images, the solve sums
+its column sums over the ranks, and the labels of every share are gathered, so every rank holds the same
+(heads, N) labels.
 
 The labels ((heads, N) int64), the epoch they were made for and the time the solve took are buffers of
 the head (see `clustering.base`), so resume keeps them; `label_seconds` and `label_change` (the
@@ -25,7 +32,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +39,7 @@ from ssl_cli.pretext.clustering.base import ClusteringTask, add_label_buffers, m
 from ssl_cli.pretext.contrastive.base import check_number
 from ssl_cli.pretext.heads import global_pool
 from ssl_cli.pretext.losses.sinkhorn import equipartition_labels
+from ssl_cli.train.distributed import ProcessGroup, all_gather_rows, current_group
 
 
 class SeLaTask(ClusteringTask):
@@ -82,17 +89,36 @@ class SeLaTask(ClusteringTask):
 
     def relabel(self, network: nn.Module, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         head = network.head
+        group = current_group()
 
         def read(trunk_map: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (heads, B, k) log-probabilities
             features = head.body(global_pool(trunk_map))
             return torch.stack([classifier(features).float().log_softmax(1) for classifier in head.classifiers])
 
-        log_probs = torch.from_numpy(np.concatenate(list(self.embed(network, read)), axis=1))  # (heads, N, k)
-        labels = torch.stack([equipartition_labels(log_probs[h].double(), self.lam, self.sinkhorn_iterations)
-                              for h in range(self.heads)]).to(head.labels.device)
+        rows = self.shard(group)
+        log_probs = torch.empty((self.heads, len(rows), self.k), dtype=torch.float32)  # this rank's rows
+        filled = 0
+        for block in self.embed(network, read, rows):
+            log_probs[:, filled:filled + block.shape[1]] = torch.from_numpy(block)
+            filled += block.shape[1]
+        device = next(network.parameters()).device
+        mine = torch.stack([self.solve(log_probs[h], device, group) for h in range(self.heads)])  # (heads, n)
+        del log_probs
+        labels = all_gather_rows(mine.T.contiguous(), group).T.to(head.labels.device)  # (heads, N)
         if int(head.labels[0, 0]) >= 0:
             head.label_change.fill_(float((labels[0] != head.labels[0]).double().mean()))
         head.labels.copy_(labels)
+
+    def solve(self, log_probs: torch.Tensor, device: torch.device, group: ProcessGroup) -> torch.Tensor:
+        """One head's (n, k) float32 log-probabilities (overwritten) -> (n,) int64 labels on the CPU, solved on
+        `device` when the matrix fits there."""
+        if device.type == "cuda":
+            try:
+                log_probs = log_probs.to(device)
+            except torch.cuda.OutOfMemoryError:
+                pass  # the CPU holds it already
+        labels = equipartition_labels(log_probs, self.lam, self.sinkhorn_iterations, group=group, overwrite=True)
+        return labels.cpu()
 
     def epoch_end(self, network: nn.Module, epoch: int) -> dict[str, float]:
         head = network.head

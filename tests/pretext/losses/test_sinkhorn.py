@@ -1,4 +1,5 @@
-"""Sinkhorn-Knopp against entry-by-entry references, its marginals, and 2 gloo ranks against one."""
+"""Sinkhorn-Knopp against entry-by-entry references, its marginals, the blocked float32 equipartition against the
+float64 one, and 2 gloo ranks against one."""
 
 from __future__ import annotations
 
@@ -120,14 +121,39 @@ def test_a_range_beyond_exp_falls_back_to_log_space(monkeypatch):
     """A cluster every sample rates hundreds of nats below its best underflows exp: log space still balances it."""
     from ssl_cli.pretext.losses import sinkhorn as module
 
-    real, calls = module._equipartition_log, []
-    monkeypatch.setattr(module, "_equipartition_log", lambda *args: calls.append(1) or real(*args))
+    calls = []
+    for name in ("_equipartition_log", "_labels_log_space"):  # the reference's and the blocked solver's
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
     torch.manual_seed(0)
     log_probs = torch.randn(40, 4, dtype=torch.float64)
     log_probs[:, 3] -= 40.0  # x lam 25 = -1000: exp underflows to 0
     labels = equipartition_labels(log_probs, 25.0)
-    assert calls  # the log-space path ran
+    reference = equipartition(log_probs, 25.0).argmax(dim=1)
+    assert calls == ["_labels_log_space", "_equipartition_log"]  # both took the log-space path
     assert torch.bincount(labels, minlength=4).min() >= 5  # cluster 3, which argmax alone never picks, is used
+    assert torch.equal(labels, reference)
+
+
+@pytest.mark.parametrize("scale, column_shift", [(2.0, 0.0), (6.0, 0.0), (1.0, -40.0)])
+def test_blocked_float32_labels_equal_the_float64_reference(scale, column_shift, monkeypatch):
+    """Blocks of 64 rows (the last one short: 600 rows), float32 storage: the labels of the whole float64 matrix.
+    Scale 2 converges, 6 runs out of rounds, a column shifted by -40 (x lam = -1000) takes the log space."""
+    from ssl_cli.pretext.losses import sinkhorn as module
+
+    monkeypatch.setattr(module, "_LABEL_BLOCK_ELEMENTS", {"cpu": 64 * 12, "cuda": 64 * 12})
+    torch.manual_seed(0)
+    log_probs = F.log_softmax(torch.randn(600, 12) * scale, dim=1)
+    log_probs[:, -1] += column_shift
+    reference = equipartition(log_probs.double(), 25.0, 300, 1e-6)
+    top = reference.topk(2, dim=1).values
+    assert (top[:, 0] / top[:, 1]).min() > 1.001  # margins far above float32 rounding: equal labels expected
+    given = log_probs.clone()
+    labels = equipartition_labels(given, 25.0, 300, 1e-6)
+    assert torch.equal(given, log_probs)  # not overwritten unless asked
+    assert torch.equal(labels, reference.argmax(dim=1))
+    assert torch.equal(equipartition_labels(given, 25.0, 300, 1e-6, overwrite=True), labels)
+    assert not torch.equal(given, log_probs)  # its storage now holds the transport
 
 
 def test_bad_inputs_are_explained():
@@ -153,6 +179,10 @@ def test_bad_inputs_are_explained():
 
 WORLD, EPSILON, ITERATIONS = 2, 0.05, 3
 ROWS = [3, 5]  # unequal on purpose: B_total is summed over the ranks, not W * B
+# (log-probabilities, lambda) in exp space and, with a column 40 nats down, in log space
+LABELLED = [(F.log_softmax(torch.randn(40, 5, generator=torch.Generator().manual_seed(6)) * 2, dim=1), 25.0),
+            (F.log_softmax(torch.randn(40, 5, generator=torch.Generator().manual_seed(7)), dim=1)
+             - torch.tensor([0.0, 0.0, 0.0, 0.0, 40.0]), 25.0)]
 
 
 def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -161,8 +191,11 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         scores = cosine_scores(sum(ROWS), 6, seed=5)
         start = sum(ROWS[:rank])
-        codes = sinkhorn(scores[start:start + ROWS[rank]], EPSILON, ITERATIONS, ProcessGroup(rank, WORLD, rank))
-        torch.save(codes, Path(out_dir) / f"rank{rank}.pt")
+        group = ProcessGroup(rank, WORLD, rank)
+        codes = sinkhorn(scores[start:start + ROWS[rank]], EPSILON, ITERATIONS, group)
+        shares = [range(13), range(13, 40)]  # unequal: N is summed over the ranks
+        labels = [equipartition_labels(log_probs[shares[rank]], lam, 100, group=group) for log_probs, lam in LABELLED]
+        torch.save((codes, labels), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -171,6 +204,11 @@ def test_two_gloo_ranks_reproduce_the_single_process_codes(tmp_path: Path):
     # fork, not spawn: the children inherit the imported torch instead of paying ~5 s each to import it
     mp.start_processes(_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="fork")
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    assert [codes.shape[0] for codes in per_rank] == ROWS
+    assert [codes.shape[0] for codes, _ in per_rank] == ROWS
     whole = sinkhorn(cosine_scores(sum(ROWS), 6, seed=5), EPSILON, ITERATIONS)
-    torch.testing.assert_close(torch.cat(per_rank), whole)
+    torch.testing.assert_close(torch.cat([codes for codes, _ in per_rank]), whole)
+    # the equipartition over both ranks' rows gives the labels of one process holding all 40
+    for case, (log_probs, lam) in enumerate(LABELLED):
+        alone = equipartition_labels(log_probs, lam, 100)
+        assert torch.equal(torch.cat([labels[case] for _, labels in per_rank]), alone), case
+        assert torch.bincount(alone, minlength=5).min() >= 4  # balanced, the shifted column included
