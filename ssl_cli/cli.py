@@ -201,7 +201,7 @@ def toy_data(
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of option defaults; flags override it")] = None,
 ) -> None:
     """Write deterministic toy images of C classes (shapes x colours x textures, with noise): a folder of PNGs, or
-    with OUT ending in .h5 one image store for --data (ImageNet's 1,281,167 rows at 32 px: 3.9 GB, no PNG files).
+    with OUT ending in .h5 one image store for --data (ImageNet's 1,281,167 rows at 32 px: 4.0 GB, no PNG files).
     Re-running the same command resumes an interrupted run; a finished one is up to date."""
     cfg = resolve(ToyDataConfig, config, {"out": out, "n": n, "classes": classes, "size": size, "seed": seed,
                                           "format": format, "workers": workers})

@@ -6,7 +6,7 @@ Two forms of one corpus, chosen by `--out` (or `--format`):
 - an HDF5 image store (`OUT.h5`, the layout `ssl pack` writes): `images` uint8 (n, size, size, 3) with
   row i the folder's image i, `sample_ids` the folder's relative paths, `targets` int64 labels and the
   class names as the `classes` attribute. No PNG is written, so ImageNet's row count fits one disk:
-  1,281,167 images at 32 px are 3.9 GB. Rows are appended in blocks (`RowWriter`), so a killed run
+  1,281,167 images at 32 px are 4.0 GB. Rows are appended in blocks (`RowWriter`), so a killed run
   resumes after its last whole block and ends with the same rows as an uninterrupted one.
 """
 
