@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ssl_cli.artifacts.checkpoint import checkpoint_fingerprint
 from ssl_cli.artifacts.h5 import partial_path, read_root_attrs
 from ssl_cli.artifacts.lock import claim_output, writer_process
 from ssl_cli.errors import UserError
@@ -35,6 +34,9 @@ def artifact_fingerprint(path: Path) -> str | None:
     try:
         return read_root_attrs(path).get("fingerprint")
     except OSError:
+        # imported here: torch (~700 MB resident) loads only when a checkpoint is actually read
+        from ssl_cli.artifacts.checkpoint import checkpoint_fingerprint
+
         return checkpoint_fingerprint(path)
 
 
