@@ -10,6 +10,12 @@ One affine warp per image covers the three parts of the small-image recipe: a ra
 a horizontal flip. Pixels the warp brings in from outside the image are black (0 before
 normalisation), as a padded random crop gives. Colour jitter (brightness, contrast, saturation by
 factors in [1 - s, 1 + s]) and random grey-scale are per-image blends, also batched.
+
+The stored images may be larger than the training side `size` (`resized.stored_side`: a recipe with
+random resized crops keeps them at up to twice it), so that a crop comes from the stored image rather
+than from a centre square already shrunk to the training size: the warp then samples the crop at
+k x k points per output pixel (k = ceil(stored / size)) and averages them, an anti-aliased resize in
+the same one `grid_sample`. At the training size (k = 1) it is the plain warp, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ def step_generator(seed: int, epoch: int, step: int, device: torch.device) -> to
 
 @dataclass(frozen=True)
 class BatchAugment:
-    """uint8 (B, C, S, S) images -> float (B, C, S, S) augmented and normalised with mean/std.
+    """uint8 (B, C, T, T) images -> float (B, C, S, S) augmented and normalised with mean/std.
 
+    size: the output side S (None: the input's, T); a larger input is cropped and resized down to it.
     min_scale: smallest area fraction of the random resized crop (1.0: no crop).
-    shift: largest translation in pixels, each axis (0: none).
+    shift: largest translation in pixels of the output, each axis (0: none).
     flip: random horizontal flips.
     """
 
@@ -49,6 +56,7 @@ class BatchAugment:
     # image, as jigsaw tiles were seen), "lightness" (CIE L / 50 - 1 in 3 channels, a colorization trunk)
     # or "sobel" (the Sobel responses of the grey image, DeepCluster's optional input)
     normalise: str = "mean_std"
+    size: int | None = None
 
     @property
     def identity(self) -> bool:
@@ -58,9 +66,14 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
         if generator is not None and not self.identity:
-            x = F.grid_sample(x, self.grid(x.shape, x.device, generator), mode="bilinear", padding_mode="zeros",
-                              align_corners=False)
+            # k x k samples per output pixel, averaged, when the stored images are larger (k = 1: the plain warp)
+            k = max(1, math.ceil(max(x.shape[-2:]) / self.size)) if self.size else 1
+            grid = self.grid(x.shape, x.device, generator, self.size, k)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = F.avg_pool2d(x, k) if k > 1 else x
             x = self.colour(x, generator)
+        elif self.size and tuple(x.shape[-2:]) != (self.size, self.size):  # no warp drawn: the whole stored image
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         if self.normalise == "per_image":
             flat = x.flatten(1)
             return (x - flat.mean(1).view(-1, 1, 1, 1)) / (flat.std(1).view(-1, 1, 1, 1) + 1e-5)
@@ -96,9 +109,13 @@ class BatchAugment:
             x = torch.where(chosen, grey(x), x)
         return x
 
-    def grid(self, shape: torch.Size, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-        """(B, S, S, 2) sampling grid of one random affine warp per image (normalised coordinates)."""
-        batch, _, height, width = shape
+    def grid(self, shape: torch.Size, device: torch.device, generator: torch.Generator, size: int | None = None,
+             samples: int = 1) -> torch.Tensor:
+        """(B, k S, k S, 2) sampling grid of one random affine warp per image (normalised coordinates) of
+        images of `shape` (B, C, T, T) to side S = `size` (default T), k = `samples` points per output pixel
+        and axis. The draws do not depend on T or k, so a batch stored larger gets the same crops."""
+        batch = shape[0]
+        height, width = (size, size) if size else tuple(shape[-2:])
 
         def uniform(low: float, high: float) -> torch.Tensor:
             return low + (high - low) * torch.rand(batch, device=device, generator=generator)
@@ -120,7 +137,7 @@ class BatchAugment:
         theta = torch.zeros(batch, 2, 3, device=device)
         theta[:, 0, 0], theta[:, 0, 2] = scale_x, centre_x
         theta[:, 1, 1], theta[:, 1, 2] = scale_y, centre_y
-        return F.affine_grid(theta, [batch, shape[1], height, width], align_corners=False)
+        return F.affine_grid(theta, [batch, shape[1], height * samples, width * samples], align_corners=False)
 
 
 def lightness(rgb: torch.Tensor) -> torch.Tensor:

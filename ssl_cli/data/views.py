@@ -31,6 +31,12 @@ catches. Jitter works in float, where torchvision's PIL path rounds to uint8 aft
 
 Images with one channel are accepted: saturation, hue and greyscale are identities on them and are
 skipped; the `grey` preset leaves them off for three-channel grey content too.
+
+The images may be stored larger than the recipe's `image_size` (`resized.stored_side` keeps them at up
+to twice it when the source has the pixels), so the crop comes from the stored image, not from a centre
+square already shrunk to the training size: the warp samples each output pixel at k x k points
+(k = ceil(stored / image_size)) and averages them, an anti-aliased resize in the same `grid_sample`.
+At `image_size` (k = 1) it is the plain warp.
 """
 
 from __future__ import annotations
@@ -259,7 +265,8 @@ def view_recipe(preset: str, image_size: int, **overrides: Any) -> ViewRecipe:
 
 def make_views(images: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator,
                count: int = 2) -> list[torch.Tensor]:
-    """uint8 (B, C, S, S) images -> `count` independently augmented views, each float (B, C, S, S) normalised.
+    """uint8 (B, C, T, T) images (T >= S) -> `count` independently augmented views, each float (B, C, S, S)
+    normalised, S = `recipe.image_size`.
 
     All views are made in one pass over the (count * B) batch, so view k is rows k*B..(k+1)*B of
     `augment(images repeated count times)`; `make_views(x, r, g, 1)[0]` equals `augment(x, r, g)`.
@@ -273,13 +280,17 @@ def make_views(images: torch.Tensor, recipe: ViewRecipe, generator: torch.Genera
 
 
 def augment(images: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator) -> torch.Tensor:
-    """uint8 (B, C, S, S) (or float in [0, 1]) -> one augmented view, float (B, C, S, S) normalised.
+    """uint8 (B, C, T, T) (or float in [0, 1]) -> one augmented view, float (B, C, S, S) normalised.
 
-    C is 1 or 3 and S is `recipe.image_size`; `generator` lives on the images' device.
+    C is 1 or 3, S is `recipe.image_size` and T >= S (larger: crops come from the stored image);
+    `generator` lives on the images' device.
     """
     x = unit_float(images, recipe, generator)
-    x = warp(x, crop_flip_theta(x.shape[0], recipe, generator, x.device)) \
-        if recipe.min_scale < 1 or recipe.flip_prob > 0 else x
+    size = recipe.image_size
+    if recipe.min_scale < 1 or recipe.flip_prob > 0:
+        x = warp(x, crop_flip_theta(x.shape[0], recipe, generator, x.device), size)
+    elif x.shape[2] != size:  # no warp: the whole stored image at the recipe's size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     x = colour_jitter(x, recipe, generator)
     x = random_grey(x, recipe.grey_prob, generator)
     x = random_blur(x, recipe, generator)
@@ -288,7 +299,7 @@ def augment(images: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator
 
 
 def unit_float(images: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator) -> torch.Tensor:
-    """Checks the batch against the recipe; uint8 (B, C, S, S) -> float (B, C, S, S) in [0, 1] (a copy)."""
+    """Checks the batch against the recipe; uint8 (B, C, T, T) -> float (B, C, T, T) in [0, 1] (a copy)."""
     check_images(images, recipe, generator)
     if images.dtype == torch.uint8:
         return images.float().div_(255)
@@ -296,12 +307,12 @@ def unit_float(images: torch.Tensor, recipe: ViewRecipe, generator: torch.Genera
 
 
 def check_images(images: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator) -> None:
-    """Raises UserError, saying what was expected, unless `images` is a uint8 or float (B, C, S, S) batch
-    with C 1 or 3 and S the recipe's size; ValueError when the generator is on another device."""
+    """Raises UserError, saying what was expected, unless `images` is a uint8 or float (B, C, T, T) batch
+    with C 1 or 3 and T at least the recipe's size; ValueError when the generator is on another device."""
     if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
         raise UserError(f"views: expected images of shape (B, C, S, S) with C 1 or 3, "
                         f"got {tuple(images.shape)}")
-    if images.shape[2] != recipe.image_size:
+    if images.shape[2] < recipe.image_size:
         raise UserError(f"views: the recipe is for {recipe.image_size} px images but these are "
                         f"{images.shape[2]} px; build it with view_recipe(preset, {images.shape[2]}) so the "
                         "blur kernel follows the size")
@@ -350,10 +361,14 @@ def crop_flip_theta(batch: int, recipe: ViewRecipe, generator: torch.Generator,
     return theta
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """float (B, C, S, S), (B, 2, 3) affine maps -> (B, C, S, S) resampled bilinearly (one grid_sample)."""
-    grid = affine_grid(theta, x.shape[2], x.shape[3])
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+def warp(x: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """float (B, C, T, T), (B, 2, 3) affine maps -> (B, C, S, S) resampled bilinearly (one grid_sample),
+    S = `size` (default T); from larger images each output pixel averages k x k samples, k = ceil(T / S)."""
+    size = size or x.shape[2]
+    k = max(1, math.ceil(x.shape[2] / size))
+    grid = affine_grid(theta, size * k, size * k)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.avg_pool2d(x, k) if k > 1 else x
 
 
 def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:

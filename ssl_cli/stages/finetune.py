@@ -28,7 +28,7 @@ from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.config import FinetuneConfig
 from ssl_cli.data.batch_augment import normalise_mode
 from ssl_cli.data.dataset import SourceDataset
-from ssl_cli.data.resized import ResizedImages
+from ssl_cli.data.resized import ResizedImages, stored_side
 from ssl_cli.data.sources import ImageSource, open_source, source_input
 from ssl_cli.data.transforms import eval_transform
 from ssl_cli.device import autocast, prepare_module, resolve_device, to_device
@@ -243,7 +243,8 @@ def run(cfg: FinetuneConfig, reporter: Reporter | None = None) -> StageResult:
 def train_and_score(cfg, network, source, chosen, evaluation, eval_indices, classes, layers, device, provenance,
                     reporter) -> dict[str, Any]:
     size = cfg.image_size or network.input_size
-    dataset = ResizedImages(source, chosen, source.targets[chosen].astype(np.int64), size)
+    dataset = ResizedImages(source, chosen, source.targets[chosen].astype(np.int64), size,
+                            stored_size=stored_side(source, size, crops=cfg.min_scale < 1))
     options = train_options(cfg, len(chosen))
     if cfg.mode == "linear":
         if cfg.linear_norm and options.batch_size < 2:

@@ -17,7 +17,7 @@ from ssl_cli.artifacts.h5 import H5Artifact
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.config import RetrainConfig
 from ssl_cli.data.labelled import join_by_id
-from ssl_cli.data.resized import ResizedImages
+from ssl_cli.data.resized import ResizedImages, stored_side
 from ssl_cli.data.sources import open_source, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.models.registry import build_model, get_arch, resolved_kwargs
@@ -64,7 +64,8 @@ def run(cfg: RetrainConfig, reporter: Reporter | None = None) -> StageResult:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, **arch_kwargs(cfg, classes))
-    dataset = ResizedImages(source, indices, labels, size)  # position p: image indices[p], label labels[p]
+    # position p: image indices[p], label labels[p]; random resized crops come from the stored image
+    dataset = ResizedImages(source, indices, labels, size, stored_size=stored_side(source, size, crops=cfg.min_scale < 1))
     options = train_options(cfg, len(dataset))
     weights = None
     if cfg.sampling == "uniform":

@@ -20,7 +20,7 @@ import torch
 from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.schema import Provenance, make_provenance
 from ssl_cli.config import NO_EVALUATION, SupervisedConfig
-from ssl_cli.data.resized import ResizedImages
+from ssl_cli.data.resized import ResizedImages, stored_side
 from ssl_cli.data.sources import ImageSource, source_input
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.device import resolve_device
@@ -90,7 +90,8 @@ def run(cfg: SupervisedConfig, reporter: Reporter | None = None) -> StageResult:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, **kwargs)
-    dataset = ResizedImages(source, chosen, source.targets[chosen].astype(np.int64), size)
+    dataset = ResizedImages(source, chosen, source.targets[chosen].astype(np.int64), size,
+                            stored_size=stored_side(source, size, crops=cfg.min_scale < 1))
     options = train_options(cfg, len(chosen))
 
     def final_payload(network) -> dict[str, Any]:

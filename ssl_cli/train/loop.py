@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 from ssl_cli.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from ssl_cli.artifacts.h5 import partial_path
@@ -32,6 +32,8 @@ from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.outputs import OutputState, plan_output
 from ssl_cli.artifacts.schema import Provenance
 from ssl_cli.data.batch_augment import step_generator
+from ssl_cli.data.dataset import threaded_batches
+from ssl_cli.data.resized import unpacked
 from ssl_cli.device import resolve_device, training_autocast, training_bf16, training_channels_last
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
@@ -286,10 +288,7 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
             sampler = EpochSampler(len(dataset), options.seed, epoch, group.rank, group.world,
                                    start=start_step * options.batch_size,
                                    weights=weights if weights is not None else sample_weights)
-            # a dataset held in memory is indexed, not decoded: worker processes would only add copies
-            loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, drop_last=True,
-                                num_workers=0 if getattr(dataset, "in_memory", False) else options.workers, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(options.seed))
+            loader = epoch_loader(dataset, sampler, options, device)
             # loss*n, correct, n, n with accuracy: float64 Python sums (no tensor made and added on the device a step)
             sums = [0.0, 0.0, 0.0, 0.0]
             if start_step and state["sums"] is not None:
@@ -372,6 +371,31 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
     if skipped:
         reporter.warn(f"{len(skipped)} unreadable image(s) were replaced during training, e.g. {sorted(skipped)[:3]}")
     return TrainResult(out, "resumed" if plan.state is OutputState.RESUME else "written", history, sorted(skipped))
+
+
+PREFETCH_BATCHES = 4  # batches each worker keeps ready: streamed reads vary (page cache or disk)
+
+
+def epoch_loader(dataset: TrainDataset, sampler: EpochSampler, options: TrainOptions,
+                 device: torch.device) -> Iterator:
+    """The batches of one epoch, [inputs, targets, positions, ok] each, in the sampler's order.
+
+    A dataset held in memory (`in_memory`) is indexed in this process (worker processes would only add
+    copies). One that streams (images beyond the memory budget) from a packed store (`read_in_threads`) is
+    read a batch per call by `options.workers` threads (`threaded_batches`: copies out of the file release
+    the GIL); from a folder, decoded by `options.workers` DataLoader processes, each batch sent back as one
+    block of shared memory (`ResizedImages.collate`, `PackedBatch`). Each keeps PREFETCH_BATCHES batches
+    ready per worker; pinned memory on CUDA."""
+    if getattr(dataset, "read_in_threads", False):
+        pin = device.type == "cuda"
+        return threaded_batches(lambda positions: [t.pin_memory() if pin else t for t in dataset.batch(positions)],
+                                BatchSampler(sampler, options.batch_size, drop_last=True), options.workers,
+                                PREFETCH_BATCHES * max(1, options.workers))
+    workers = 0 if getattr(dataset, "in_memory", False) else options.workers
+    return unpacked(DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, drop_last=True,
+                               num_workers=workers, collate_fn=getattr(dataset, "collate", None),
+                               pin_memory=device.type == "cuda", prefetch_factor=PREFETCH_BATCHES if workers else None,
+                               generator=torch.Generator().manual_seed(options.seed)))
 
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:

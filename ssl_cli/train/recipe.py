@@ -99,7 +99,7 @@ def batch_augment(cfg: Any, size: int, mean, std, normalise: str = "mean_std") -
     shift = cfg.shift if cfg.shift is not None else default_shift(size)
     return BatchAugment(mean=tuple(mean), std=tuple(std), min_scale=cfg.min_scale, shift=shift, flip=cfg.flip,
                         grayscale_prob=getattr(cfg, "grayscale_prob", 0.0), color_jitter=getattr(cfg, "color_jitter", 0.0),
-                        normalise=normalise)
+                        normalise=normalise, size=size)
 
 
 def classification_step(label_smoothing: float):

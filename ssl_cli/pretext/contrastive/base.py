@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_cli.data.resized import GREY_SAMPLE, ResizedImages, is_grey
+from ssl_cli.data.resized import GREY_SAMPLE, ResizedImages, is_grey, stored_side
 from ssl_cli.data.sources import ImageSource
 from ssl_cli.data.views import ViewRecipe, make_views, view_recipe
 from ssl_cli.errors import UserError
@@ -39,10 +39,11 @@ def check_number(task: str, name: str, value: Any, low: float, high: float, inte
 
 
 class WholeImages(ResizedImages):
-    """Every image of a source as uint8 (3, S, S); the target is unused (0)."""
+    """Every image of a source as uint8 (3, T, T), T = `stored_size` (default `size`); the target is unused (0)."""
 
-    def __init__(self, source: ImageSource, size: int):
-        super().__init__(source, np.arange(len(source)), np.zeros(len(source), dtype=np.int64), size)
+    def __init__(self, source: ImageSource, size: int, stored_size: int | None = None):
+        super().__init__(source, np.arange(len(source)), np.zeros(len(source), dtype=np.int64), size,
+                         stored_size=stored_size)
 
     def sample(self, count: int) -> torch.Tensor:
         """The first `count` images, (count, 3, S, S) uint8 (to look at, e.g. whether they are grey)."""
@@ -92,7 +93,9 @@ class ContrastiveTask(PretextTask):
         return view_recipe(preset, self.image_size, **self.view_options)
 
     def dataset(self, source: ImageSource, seed: int) -> WholeImages:
-        data = WholeImages(source, self.image_size)
+        # every preset crops (min_scale < 1): the crops come from the stored image, up to twice image_size
+        min_scale = self.recipe.min_scale if self.recipe else self.view_options.get("min_scale", 0.0)
+        data = WholeImages(source, self.image_size, stored_side(source, self.image_size, crops=min_scale < 1))
         self.recipe = self.resolve_views(data.sample(GREY_SAMPLE))
         self.size_of_dataset = len(data)
         return data
