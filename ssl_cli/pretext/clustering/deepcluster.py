@@ -28,10 +28,10 @@ sample of rows (each rank contributes the sampled rows it holds; they are gather
 to the covariance in the pieces one process reads), rank 0 fits it and sends it to every rank, each rank
 reduces its own rows, and the reduced (N, d) rows are gathered (N d float32 on every rank: 1.3 GB at
 1.28M x 256). Rank 0 alone then runs the k-means, the assignment and the empty-cluster rule and sends the
-labels to every rank: a k-means spread over the shards (the torch backend can) sums in another order and
-so moves the centroids in their last bits, and faiss on every rank would make W copies of the same work
-fight over the same GPUs. With the torch backend the other ranks take part in its all-reduces holding no
-rows, so its sums are rank 0's alone. (The features themselves come from batches that start at each
+labels to every rank. With the torch backend the other ranks take part in its all-reduces holding no
+rows, so its float64 sums are rank 0's alone, the same additions in the same order as one process's;
+spread over the shards they would be grouped by rank, equal only where those sums are exact. faiss on
+every rank would make W copies of the same work fight over the same GPUs. (The features themselves come from batches that start at each
 share's first row; on a GPU, kernels chosen by batch shape can change their last bits.)
 
 Options (`--task-option KEY=VALUE`): k [100: about 10x the classes of a small labelled set; the paper
