@@ -24,12 +24,17 @@ Why these mechanics:
   the other ranks only read, so they need no lock and cannot deadlock on one.
 - Forked children (DataLoader workers) close their inherited copies of the lock files at once, so a
   killed parent's lock is released when the parent dies, not when its last worker notices.
+- On several machines `--out` sits on a filesystem they share, and the lock is that filesystem's:
+  NFS (v4, or v3 with its lock service) and Lustre mounted with `-o flock` lock across machines. One
+  that keeps no locks answers flock with an error, and the claim refuses with a `UserError` saying so
+  rather than writing unguarded. The PID in the file may belong to another machine.
 - Without `fcntl` (Windows, which is out of scope) claims do nothing: there is no locking there.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import threading
 import time
@@ -46,6 +51,11 @@ except ImportError:  # not POSIX (Windows): no locking; concurrent writers are t
     fcntl = None  # type: ignore[assignment]
 
 WRITING = "{target} is being written by process {pid}; wait for it or choose another --out"
+# flock's answers on a filesystem that keeps no locks (NFS without its lock service, Lustre mounted
+# without -o flock, some FUSE filesystems): the shared filesystems several machines write to.
+NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+NO_LOCKS_HERE = ("cannot lock {path}: its filesystem keeps no file locks ({reason}); put --out on one that does "
+                 "(NFS with its lock service, Lustre mounted with -o flock, a local disk)")
 
 
 @dataclass
@@ -136,6 +146,11 @@ def _acquire(path: Path, target: Path, busy: str) -> int:
         except BlockingIOError:
             os.close(fd)
             raise UserError(busy.format(target=target, pid=_holder(path))) from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno in NO_LOCKS:
+                raise UserError(NO_LOCKS_HERE.format(path=path, reason=error.strerror)) from None
+            raise
         except BaseException:
             os.close(fd)
             raise
