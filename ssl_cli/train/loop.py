@@ -257,6 +257,8 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
     if plan.state is OutputState.RESUME:
         state = resume_from(partial_path(out), model, optimizer, device)
         reporter.info(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']}")
+    if group.active:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, unsynced_buffers(model))
     trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if group.active else model
     if options.compile:  # compiles at the first step; `model` (uncompiled, same parameters) is what is saved
@@ -421,3 +423,11 @@ def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
     os.replace(tmp, path)
+
+
+def unsynced_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers DDP need not broadcast from rank 0 at every forward: those a module lists in its
+    `same_on_every_rank` attribute (a clustering head's labels, made identical on every rank by the labelling)."""
+    return [f"{name}.{buffer}" if name else buffer for name, module in model.named_modules()
+            for buffer in getattr(module, "same_on_every_rank", ())]
+

@@ -167,3 +167,20 @@ def test_compiled_run_trains_reports_its_warm_up_and_resumes_to_identical_weight
     assert run(tmp_path / "b.pt", epochs=2, compile=True, compile_backend="aot_eager").status == "resumed"
     resumed = torch.load(tmp_path / "b.pt", weights_only=True)["model"]
     assert all(torch.equal(data[key], resumed[key]) for key in data)
+
+
+def test_ddp_skips_broadcasting_the_buffers_a_module_keeps_equal_on_every_rank(tmp_path):
+    from ssl_cli.pretext.clustering.deepcluster import DeepClusterTask
+    from ssl_cli.train.loop import unsynced_buffers
+
+    model = nn.Module()
+    model.head = DeepClusterTask(image_size=32, k=4).build_head((8, 2, 2))
+    assert unsynced_buffers(model) == ["head.labels", "head.previous"]
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, unsynced_buffers(model))
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        assert {"head.labels", "head.previous"} <= set(wrapped.parameters_to_ignore)
+        assert "head.labelled_epoch" not in wrapped.parameters_to_ignore  # still synced from rank 0
+    finally:
+        torch.distributed.destroy_process_group()

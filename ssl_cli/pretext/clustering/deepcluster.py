@@ -102,6 +102,7 @@ class DeepClusterTask(ClusteringTask):
         head.classifier = nn.Linear(hidden, self.k)
         add_label_buffers(head, (max(1, self.size_of_dataset),))
         head.register_buffer("previous", torch.full((max(1, self.size_of_dataset),), -1, dtype=torch.int64))
+        head.same_on_every_rank = ("labels", "previous")
         head.register_buffer("nmi_previous", torch.tensor(math.nan, dtype=torch.float64))
         head.register_buffer("empty_filled", torch.tensor(0, dtype=torch.int64))
         return head
