@@ -190,7 +190,7 @@ OUT = Flag("out")
 
 @command("toy-data")
 def toy_data(
-    out: Annotated[Path, typer.Argument(help=describe(ToyDataConfig, "out"), metavar="OUT", show_default=False)],
+    out: Annotated[Path, typer.Argument(help=ToyDataConfig.model_fields["out"].description, metavar="OUT", show_default=False)],
     n: Annotated[Optional[int], typer.Option("--n", help=describe(ToyDataConfig, "n"), show_default=False)] = None,
     classes: Annotated[Optional[int], typer.Option("--classes", help=describe(ToyDataConfig, "classes"), show_default=False)] = None,
     size: Annotated[Optional[int], typer.Option("--size", help=describe(ToyDataConfig, "size"), show_default=False)] = None,
