@@ -126,6 +126,7 @@ class H5ImageSource(ImageSource):
             self.classes = list(store.attrs.get("classes", []))
             self._fingerprint = store.fingerprint
             self.shape = tuple(store["images"].shape)
+            self.dtype = store["images"].dtype
         self._handle: H5Artifact | None = None
         self._pid = -1
 

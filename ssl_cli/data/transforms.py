@@ -37,6 +37,22 @@ class SobelInput:
         return sobel(image.unsqueeze(0))[0]
 
 
+def eval_batch(pixels: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+               per_image: bool = False) -> torch.Tensor:
+    """(B, H, W, C) uint8 rows already at the input size (C = 1 or 3) -> (B, 3, H, W) float32, the bytes
+    `eval_transform` gives image by image (its resize and crop are no-ops at that size): grey repeated to RGB as
+    PIL's convert("RGB") does, ToTensor's x / 255, Normalize's (x - mean) / std, then PerImageNormalise."""
+    if pixels.shape[-1] == 1:
+        pixels = pixels.expand(*pixels.shape[:-1], 3)
+    images = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    images.sub_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+    images.div_(torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+    if per_image:  # image by image: the reductions in the order PerImageNormalise takes them
+        normalise = PerImageNormalise()
+        images = torch.stack([normalise(image) for image in images])
+    return images
+
+
 def eval_transform(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                    per_image: bool = False, input_mode: str = "rgb") -> T.Compose:
     """PIL image -> (3, size, size) float tensor: resize the short side, centre crop, normalise.
