@@ -59,6 +59,9 @@ class SourceDataset(Dataset):
         return self.transform(image), index, True
 
 
+RELEASE_BYTES = 256 * 2**20  # StoreRows drops its map's pages from the process after copying this much
+
+
 class StoreRows:
     """Rows of a packed store's `images` (N, H, W, C) uint8, many per call, in the order asked for.
 
@@ -77,6 +80,8 @@ class StoreRows:
         self._pid = -1
         self._store: H5Artifact | None = None
         self._map: np.ndarray | None = None
+        self._mmap: mmap.mmap | None = None
+        self._copied = 0  # bytes copied out of the map since its pages were last released
         self._starts: np.ndarray | None = None  # (N,) int64 byte offset of every row, or None: read through h5py
 
     def _open(self) -> None:
@@ -119,7 +124,8 @@ class StoreRows:
             rows = np.arange(len(images), dtype=np.int64)
             starts = chunk_starts[rows // chunk_rows] + (rows % chunk_rows) * row_bytes
         with open(self.path, "rb") as file:  # a plain array over the map: slicing an np.memmap costs 2 us more a row
-            self._map = np.frombuffer(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+            self._mmap = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._map = np.frombuffer(self._mmap, dtype=np.uint8)
         self._starts = starts
 
     def read(self, rows: Sequence[int]) -> np.ndarray:
@@ -137,10 +143,21 @@ class StoreRows:
         flat, row_bytes = out.reshape(len(rows), -1), out[0].size
         for slot, start in enumerate(self._starts[rows].tolist()):
             flat[slot] = self._map[start:start + row_bytes]
+        self._release(len(rows) * row_bytes)
         return out
 
+    def _release(self, copied: int) -> None:
+        """Every RELEASE_BYTES copied, the map's pages leave this process (madvise DONTNEED; the page cache
+        keeps them, so the next read of a row is a minor fault). Without it every page an epoch touches counts
+        in the process's resident set: 4 GB of RSS after one epoch over 1.28M rows at 32 px, growing with N."""
+        self._copied += copied
+        if self._copied >= RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
+            self._copied = 0
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_pid": -1, "_store": None, "_map": None, "_starts": None}
+        return {"path": self.path, "_pid": -1, "_store": None, "_map": None, "_mmap": None, "_starts": None,
+                "_copied": 0}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())

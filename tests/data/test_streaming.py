@@ -58,6 +58,34 @@ def test_store_rows_stream_the_pixels_the_source_loads(tmp_path, size, channels)
         assert torch.equal(dataset[2][0], want[2])
 
 
+def resident_file_bytes() -> int:
+    """This process's file-backed resident pages (RssFile of /proc/self/status), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
+def test_store_rows_release_the_pages_they_read(tmp_path, monkeypatch):
+    """An epoch over a store bigger than memory must not keep every page it read in the process: rows read
+    from the map leave the resident set every RELEASE_BYTES (they stay in the page cache)."""
+    import ssl_cli.data.dataset as dataset
+
+    path = write_store(tmp_path / "s.h5", noise(1024, 64), chunk_rows=64)  # 12 MiB of rows
+    order = np.random.default_rng(0).permutation(1024)
+    grown = {}
+    for release in (2**40, 2**20):
+        monkeypatch.setattr(dataset, "RELEASE_BYTES", release)
+        rows, before = StoreRows(path), resident_file_bytes()
+        for start in range(0, 1024, 64):
+            rows.read(order[start:start + 64])
+        grown[release] = resident_file_bytes() - before
+        del rows
+    assert grown[2**40] >= 10 * 2**20  # kept: the whole store is resident
+    assert grown[2**20] <= 3 * 2**20   # released: about one RELEASE_BYTES stays
+
+
 def test_a_compressed_store_is_read_through_h5py(tmp_path):
     import h5py
 
