@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv if needed and run the test suite (CPU, toy images). Extra args go to pytest.
+# Two pytest-xdist workers (SSL_TEST_WORKERS, default 2: one per core here): most tests are a
+# single-threaded process start plus a small model, so two at once use both cores.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
-python -m pytest tests -q "$@"
+python -m pytest tests -q -n "${SSL_TEST_WORKERS:-2}" "$@"

@@ -14,6 +14,10 @@ import os
 # barriers of a second thread cost more than the work (a self-train round: 111 s of CPU with 2
 # threads on a loaded 2-core machine, 23 s with 1, the same result). A value already set is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# pytest-xdist's workers are started with COLUMNS=80, and rich's module-level consoles (ssl_cli.ui) fix their
+# width from COLUMNS when they are made: every CLI table then wraps at 80 columns whatever the `cli` fixture
+# sets. Without it they measure at each call (the `cli` fixture's 400; a subprocess's own terminal).
+os.environ.pop("COLUMNS", None)
 
 import hashlib
 import shutil
