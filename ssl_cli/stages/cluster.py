@@ -23,7 +23,7 @@ from ssl_cli.config import ClusterConfig
 from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
-from ssl_cli.stages import StageResult, scan
+from ssl_cli.stages import StageResult
 from ssl_cli.train import distributed
 
 FEATURE_DATASETS = ("features", "sample_ids")
@@ -50,6 +50,8 @@ def pca_dim_for(cfg: ClusterConfig, features: H5Artifact) -> int:
 
 def provenance(cfg: ClusterConfig) -> Provenance:
     if cfg.method == "scan":
+        from ssl_cli.stages import scan  # torchvision and the training loop: not for k-means (~200 MB of RSS)
+
         return scan.provenance(cfg)
     with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
         return provenance_for(cfg, features)
@@ -59,6 +61,8 @@ def provenance(cfg: ClusterConfig) -> Provenance:
 def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or SilentReporter()
     if cfg.method == "scan":
+        from ssl_cli.stages import scan
+
         return scan.run(cfg, reporter)
     with H5Artifact(cfg.features, "features", required=FEATURE_DATASETS) as features:
         provenance = provenance_for(cfg, features)
