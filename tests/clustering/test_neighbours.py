@@ -110,3 +110,23 @@ def test_the_flag_belongs_to_scan(cli, tmp_path):
     result = cli("cluster", "--features", tmp_path / "f.h5", "--k", "4", "--neighbours-method", "ivf",
                  "--out", tmp_path / "c.h5")
     assert result.exit_code == 2 and "--neighbours-method belongs to --method scan" in result.output, result.output
+
+
+def test_calibration_keeps_two_standard_errors_above_the_target() -> None:
+    """A step whose sampled recall only just reaches the target is not taken: the unsampled rows may miss it."""
+    from ssl_cli.clustering.neighbours import calibrate
+
+    truth = np.arange(400 * 10).reshape(400, 10)
+    rng = np.random.default_rng(0)
+
+    def search(step: int) -> np.ndarray:  # step 1: every row finds 95% on average, spread over rows; step 2: all
+        found = truth.copy()
+        if step == 1:
+            misses = rng.permutation(np.repeat([0, 1], [200, 200]))  # half the rows miss one of ten
+            found[misses == 1, 0] = -1
+        return found
+
+    step, recall = calibrate(search, [1, 2], truth, target=0.95)
+    assert recall == 1.0 and step == 2  # step 1's 0.95 has no standard error to spare
+    step, recall = calibrate(search, [1, 2], truth, target=0.90)
+    assert step == 1 and recall == pytest.approx(0.95)
