@@ -44,12 +44,12 @@ def eval_batch(pixels: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std:
     PIL's convert("RGB") does, ToTensor's x / 255, Normalize's (x - mean) / std, then PerImageNormalise."""
     if pixels.shape[-1] == 1:
         pixels = pixels.expand(*pixels.shape[:-1], 3)
-    images = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    images = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)  # channels_last, as inference runs
     images.sub_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
     images.div_(torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
     if per_image:  # image by image: the reductions in the order PerImageNormalise takes them
         normalise = PerImageNormalise()
-        images = torch.stack([normalise(image) for image in images])
+        images = torch.stack([normalise(image) for image in images.contiguous()])  # NCHW reductions
     return images
 
 

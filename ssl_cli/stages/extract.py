@@ -29,7 +29,7 @@ from ssl_cli.config import ExtractConfig
 from ssl_cli.data.dataset import SourceDataset, threaded_batches
 from ssl_cli.data.sources import H5ImageSource, ImageSource, open_source, source_input
 from ssl_cli.data.transforms import eval_batch, eval_transform
-from ssl_cli.device import autocast, prepare_module, resolve_device, to_device
+from ssl_cli.device import autocast, inference_input, prepare_module, resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import LayerReader
 from ssl_cli.models.network import Network, network_from_arch, network_from_checkpoint
@@ -299,7 +299,7 @@ def stream_features(cfg: ExtractConfig, source: ImageSource, network: Network, r
             torch.inference_mode():
         for batch, (images, indices, ok) in enumerate(loader, start=1):
             with autocast(device):
-                features = reader(to_device(images, device)).float()
+                features = reader(inference_input(images, device)).float()
             if not torch.isfinite(features).all():
                 raise UserError(f"the network produced NaN/inf features for images near {source.sample_ids[int(indices[0])]}; "
                                 "check the checkpoint (a diverged training run?)")

@@ -31,7 +31,7 @@ from ssl_cli.data.dataset import SourceDataset
 from ssl_cli.data.resized import ResizedImages, stored_side
 from ssl_cli.data.sources import ImageSource, open_source, source_input
 from ssl_cli.data.transforms import eval_transform
-from ssl_cli.device import autocast, prepare_module, resolve_device, to_device
+from ssl_cli.device import autocast, inference_input, prepare_module, resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import LayerReader
 from ssl_cli.models.network import Network, network_from_checkpoint
@@ -98,7 +98,7 @@ def embed(module: nn.Module, source: ImageSource, indices: np.ndarray, network: 
     with torch.inference_mode():
         for images, _, _ in loader:
             with autocast(device):
-                out = module(to_device(images, device))
+                out = module(inference_input(images, device))
             outputs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
     if isinstance(outputs[0], dict):
         return {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
