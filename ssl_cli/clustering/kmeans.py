@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from ssl_cli.clustering.kmeans_torch import KMeansResult, assign_torch, kmeans_torch
+import numpy as np
+
+from ssl_cli.clustering.result import KMeansResult
 from ssl_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where the torch backend runs: faiss's path (`ssl cluster`'s default) never loads it
 
 
 def import_faiss():
@@ -35,6 +40,10 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, max_points_per_ce
                  backend: str, gpu: str = "auto", device: torch.device | None = None) -> KMeansResult:
     """x: (N, d) float32 preprocessed features -> (k, d) centroids and the objective per iteration."""
     if backend == "torch":
+        import torch
+
+        from ssl_cli.clustering.kmeans_torch import kmeans_torch
+
         tensor = torch.from_numpy(np.ascontiguousarray(x)).to(device or "cpu")
         return kmeans_torch(tensor, k, niter, seed, max_points_per_centroid)
     faiss = import_faiss()
@@ -71,6 +80,10 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, topk: int, backend: 
                       device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """x: (N, d), centroids: (k, d) -> (N, topk) squared distances ascending, (N, topk) int64 ids."""
     if backend == "torch":
+        import torch
+
+        from ssl_cli.clustering.kmeans_torch import assign_torch
+
         return assign_torch(torch.from_numpy(np.ascontiguousarray(x)).to(device or "cpu"),
                             torch.from_numpy(centroids), topk=topk)
     faiss = import_faiss()

@@ -11,11 +11,11 @@ points as a single-process run on all rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ssl_cli.clustering.result import KMeansResult  # re-exported (__all__)
 
 __all__ = ["KMeansResult", "assign_torch", "kmeans_torch"]
 
@@ -27,19 +27,6 @@ _BLOCK_FLOATS = 64 * 2**20
 _SPLIT_EPS = 1.0 / 1024.0
 
 
-@dataclass
-class KMeansResult:
-    """What one k-means run produced.
-
-    centroids: (k, d) float32.
-    objective: one entry per iteration, the sum of squared distances of the training points to
-        their nearest centroid at that iteration's assignment step (faiss's ``Kmeans.obj``).
-    n_empty_splits: how many times an empty cluster was re-seeded by splitting a populated one.
-    """
-
-    centroids: np.ndarray
-    objective: list[float] = field(default_factory=list)
-    n_empty_splits: int = 0
 
 
 def _process_group() -> tuple[int, int]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 __all__ = ["MIN_ROWS_PER_CLUSTER", "ari", "cluster_quality", "hungarian_accuracy", "majority_accuracy", "nmi"]
 
@@ -136,6 +135,8 @@ def _ari(table: _Contingency) -> float:
 
 
 def _hungarian_accuracy(table: _Contingency) -> float:
+    from scipy.optimize import linear_sum_assignment  # 0.35 s of import: only where accuracy is computed
+
     if table.n == 0:
         raise ValueError("accuracy is undefined for an empty labeling")
     dense = table.dense()

@@ -14,17 +14,20 @@ With one process the shard is every row and nothing is sent.
 from __future__ import annotations
 
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ssl_cli.artifacts.h5 import H5Artifact
 from ssl_cli.clustering.kmeans import nearest_centroids
 from ssl_cli.clustering.preprocess import PCA, CovarianceAccumulator
 from ssl_cli.clustering.stream import preprocessed_blocks
 from ssl_cli.errors import UserError
-from ssl_cli.train import distributed
-from ssl_cli.train.distributed import ProcessGroup
+from ssl_cli.train.ranks import ProcessGroup
+
+if TYPE_CHECKING:
+    import torch
+# torch and torch.distributed are imported only under torchrun (group.active): one process never loads them
 
 
 def shard_rows(n: int, chunk_rows: int, group: ProcessGroup) -> range:
@@ -59,11 +62,15 @@ def fit_pca_sharded(features: H5Artifact, dim: int, sample_rows: int, seed: int,
         raise UserError(f"--pca-dim {dim} needs more than {dim} sampled rows, have {int(chosen.sum())}; "
                         f"raise --pca-sample or lower --pca-dim")
     # wire: [first bad row or -1, accumulator state]
-    wire = torch.zeros(1 + CovarianceAccumulator().state(width).size, dtype=torch.float64)
+    wire = np.zeros(1 + CovarianceAccumulator().state(width).size, dtype=np.float64)
     if group.rank > 0:
-        wire = distributed.receive_from(wire, group.rank - 1)
+        import torch
+
+        from ssl_cli.train import distributed
+
+        wire = distributed.receive_from(torch.from_numpy(wire), group.rank - 1).numpy()
     bad = int(wire[0]) if group.rank > 0 else -1
-    accumulator = CovarianceAccumulator.from_state(wire[1:].numpy(), width)
+    accumulator = CovarianceAccumulator.from_state(wire[1:], width)
     if bad < 0:
         count = -(-len(rows) // chunk_rows)
         for offset, block in islice(features.iter_rows("features", chunk_rows, start=rows.start), count):
@@ -75,16 +82,22 @@ def fit_pca_sharded(features: H5Artifact, dim: int, sample_rows: int, seed: int,
             picked = block[chosen[offset : offset + len(block)]]
             if len(picked):
                 accumulator.update(picked)
-    wire = torch.from_numpy(np.concatenate([[float(bad)], accumulator.state(width)]))
-    if group.rank < group.world - 1:
-        distributed.send_to(wire, group.rank + 1)
-    wire = distributed.broadcast_from(wire, group.world - 1, group)
+    wire = np.concatenate([[float(bad)], accumulator.state(width)])
+    if group.active:
+        import torch
+
+        from ssl_cli.train import distributed
+
+        wire = torch.from_numpy(wire)
+        if group.rank < group.world - 1:
+            distributed.send_to(wire, group.rank + 1)
+        wire = distributed.broadcast_from(wire, group.world - 1, group).numpy()
     bad = int(wire[0])
     if bad >= 0:
         sample_id = features["sample_ids"].asstr()[bad]
         raise UserError(f"{features.path} has NaN or inf in row {bad} ({sample_id}) (and maybe later rows); "
                         "re-extract the features or drop those images")
-    return CovarianceAccumulator.from_state(wire[1:].numpy(), width).finalize(dim, whiten=True)
+    return CovarianceAccumulator.from_state(wire[1:], width).finalize(dim, whiten=True)
 
 
 def reduce_rows(features: H5Artifact, pca: PCA | None, chunk_rows: int, rows: range) -> np.ndarray:

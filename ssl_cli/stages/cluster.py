@@ -4,27 +4,42 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ssl_cli.artifacts.h5 import H5Artifact, write_arrays
 from ssl_cli.artifacts.lock import claim_scope
 from ssl_cli.artifacts.outputs import plan_output
 from ssl_cli.artifacts.schema import Provenance, make_provenance
-from ssl_cli.clustering.kmeans import (KMeansResult, faiss_training_rows, train_kmeans, train_kmeans_on_sample,
-                                       use_faiss_gpu)
+from ssl_cli.clustering.kmeans import (
+    KMeansResult,
+    faiss_training_rows,
+    train_kmeans,
+    train_kmeans_on_sample,
+    use_faiss_gpu,
+)
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.preprocess import PCA, auto_pca_dim
-from ssl_cli.clustering.sharded import assign_rows, fit_pca_sharded, gather_reduced_rows, reduce_rows, shard_rows
+from ssl_cli.clustering.sharded import (
+    assign_rows,
+    fit_pca_sharded,
+    gather_reduced_rows,
+    reduce_rows,
+    shard_rows,
+)
 from ssl_cli.clustering.stream import chunk_rows_for, pca_arrays
 from ssl_cli.clustering.summary import describe_pca, summary_of
 from ssl_cli.config import ClusterConfig
-from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.report import Reporter, SilentReporter
 from ssl_cli.stages import StageResult
-from ssl_cli.train import distributed
+from ssl_cli.train.ranks import ProcessGroup, launched_world
+
+if TYPE_CHECKING:
+    import torch
+# torch is loaded by the torch backend and under torchrun only: the faiss path in one process (the default)
+# starts 1.8 s sooner and ~300 MB smaller without it (bench/scale.py's cluster row against bare faiss)
 
 FEATURE_DATASETS = ("features", "sample_ids")
 
@@ -89,10 +104,10 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
                 result, distances, assignments = kmeans_torch_sharded(cfg, features, pca, chunk, rows, group, device)
             else:
                 result, distances, assignments = kmeans_faiss_streamed(cfg, features, pca, chunk)
-        rank_rows = distributed.gather_counts(len(rows), group)  # the rows each rank read and assigned
+        rank_rows = ranks_module().gather_counts(len(rows), group) if group.active else [len(rows)]
         if not group.is_main:
-            distributed.barrier(group)  # returns once rank 0 has written cfg.out
-            distributed.teardown(group)
+            ranks_module().barrier(group)  # returns once rank 0 has written cfg.out
+            ranks_module().teardown(group)
             return StageResult("cluster", cfg.out, "written by rank 0", {})
         seconds = time.perf_counter() - began
         sizes = np.bincount(assignments, minlength=cfg.k)
@@ -113,18 +128,31 @@ def run(cfg: ClusterConfig, reporter: Reporter | None = None) -> StageResult:
     }, attrs={"k": cfg.k, "n_empty": summary["empty_clusters"], "n_empty_splits": result.n_empty_splits,
               "backend": cfg.backend, "gpu": bool(on_gpu), "metrics": quality or {}, "seconds": seconds,
               "ranks": group.world, "rank_rows": rank_rows, "pca_dim_used": pca_dim, "pca_whitened": pca is not None})
-    distributed.barrier(group)
-    distributed.teardown(group)
+    if group.active:
+        ranks_module().barrier(group)
+        ranks_module().teardown(group)
     return StageResult("cluster", out, "written", summary)
 
 
-def placement(cfg: ClusterConfig) -> tuple[torch.device | None, distributed.ProcessGroup]:
+def ranks_module():
+    """ssl_cli.train.distributed (torch.distributed), loaded when a torchrun group needs it."""
+    from ssl_cli.train import distributed
+
+    return distributed
+
+
+def placement(cfg: ClusterConfig) -> tuple[torch.device | None, ProcessGroup]:
     """The torch backend's device and process group (under torchrun); faiss runs in one process."""
     if cfg.backend == "faiss":
-        if distributed.launched_world()[1] > 1:
+        if launched_world()[1] > 1:
             raise UserError("--backend faiss runs in one process (on every GPU of this machine); run it without "
                             "torchrun, or pass --backend torch to share the rows across torchrun ranks")
-        return None, distributed.ProcessGroup()
+        return None, ProcessGroup()
+    import torch
+
+    from ssl_cli.device import resolve_device
+
+    distributed = ranks_module()
     device = resolve_device(cfg.device)
     group = distributed.join(device.type)  # may follow another stage's teardown (`ssl run`)
     if group.active and device.type == "cuda":
@@ -153,10 +181,13 @@ def kmeans_faiss_streamed(cfg: ClusterConfig, features: H5Artifact, pca: PCA | N
 
 
 def kmeans_torch_sharded(cfg: ClusterConfig, features: H5Artifact, pca: PCA | None, chunk: int, rows: range,
-                         group: distributed.ProcessGroup,
+                         group: ProcessGroup,
                          device: torch.device) -> tuple[KMeansResult, np.ndarray, np.ndarray]:
     """Torch k-means with this rank's `rows` only (sums all-reduced); each rank assigns its rows and
     every rank ends with all N (float32 distance, int64 assignment) pairs in row order."""
+    import torch
+
+    distributed = ranks_module()
     problem: UserError | None = None
     try:
         x = reduce_rows(features, pca, chunk, rows)

@@ -3,30 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class ProcessGroup:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def launched_world() -> tuple[int, int]:
-    """(rank, world size) torchrun gave this process; (0, 1) without torchrun."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+from ssl_cli.train.ranks import ProcessGroup, launched_world  # re-exported: distributed.ProcessGroup
 
 
 def setup(device_type: str) -> ProcessGroup:
