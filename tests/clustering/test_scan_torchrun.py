@@ -22,6 +22,7 @@ import torch
 from ssl_cli.artifacts.checkpoint import load_checkpoint
 from ssl_cli.clustering.neighbours import mine_neighbours
 from ssl_cli.clustering.scan import ClusterHeads, assign
+from ports import free_port
 
 SCAN = ["--k", "4", "--scan-epochs", "3", "--lr", "0.01", "--heads", "2", "--neighbours-k", "5", "--workers", "0",
         "--device", "cpu", "--no-progress"]
@@ -38,7 +39,7 @@ def runs(toy_dir, tmp_path_factory, cli):
                  "--out", model)
     assert result.exit_code == 0, result.output
     common = ["cluster", "--method", "scan", "--model", str(model), "--data", str(toy_dir), *SCAN]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "ssl_cli", *common, "--batch-size", "16", "--self-label-epochs", "1", "--out",
                str(folder / "ddp.h5")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,

@@ -20,6 +20,7 @@ from ssl_cli.pretext.base import PretextNetwork
 from ssl_cli.pretext.clustering.deepcluster import DeepClusterTask, fill_empty_clusters
 from ssl_cli.pretext.registry import FAMILIES
 from ssl_cli.stages import pretext as pretext_stage
+from ports import free_port
 
 COMMON = ["--arch", "alexnet_bn_lowres", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--no-progress",
           "--seed", "0"]
@@ -211,7 +212,7 @@ def test_two_gloo_ranks_train_one_checkpoint(task, extra, toy_dir, tmp_path):
     import sys
 
     out = tmp_path / "ddp.pt"
-    port = {"swav": "29581", "deepcluster": "29582"}[task]
+    port = str(free_port())
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "ssl_cli", "pretext", "--task", task, *options(task), *extra, *COMMON, "--data", str(toy_dir),
                "--epochs", "2", "--out", str(out)]

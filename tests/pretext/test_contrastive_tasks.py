@@ -17,6 +17,7 @@ from ssl_cli.cli import app
 from ssl_cli.data.resized import is_grey
 from ssl_cli.models.network import network_from_checkpoint
 from ssl_cli.pretext.registry import FAMILIES
+from ports import free_port
 
 COMMON = ["--arch", "alexnet_bn_lowres", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--no-progress",
           "--seed", "0"]
@@ -76,7 +77,7 @@ def test_killed_moco2_run_resumes_to_the_same_weights_and_queue(toy_dir, tmp_pat
 def test_two_gloo_ranks_train_one_checkpoint(task, toy_dir, tmp_path):
     """simclr gathers every rank's views as negatives; moco2 shuffles keys across ranks and gathers them."""
     out = tmp_path / "ddp.pt"
-    port = {"simclr": "29571", "moco2": "29572"}[task]
+    port = str(free_port())
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "ssl_cli", "pretext", "--task", task, *COMMON, "--data", str(toy_dir), "--epochs", "1",
                "--out", str(out)]

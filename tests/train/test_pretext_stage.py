@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from ssl_cli.cli import app
+from ports import free_port
 
 ROTATION = ["pretext", "--task", "rotation", "--arch", "alexnet_lowres", "--width", "0.25", "--image-size", "32",
             "--batch-size", "16", "--lr", "0.005", "--workers", "0", "--device", "cpu", "--no-progress",
@@ -78,7 +79,7 @@ def test_sigkill_then_resume_gives_identical_weights(toy_dir, tmp_path, killed_t
 
 def test_torchrun_two_gloo_ranks_write_one_checkpoint(toy_dir, tmp_path):
     out = tmp_path / "ddp.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "ssl_cli", *ROTATION, "--data", str(toy_dir), "--epochs", "2", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
