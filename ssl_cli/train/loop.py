@@ -192,7 +192,12 @@ def stop_on_signal() -> Iterator[threading.Event]:
 
 
 def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
+    """The optimizer of `options` over the model's trainable parameters. A model with `optimizer_groups()`
+    (parameter groups, each {"params": [...], "lr_scale": s}) gets those groups: each follows the schedule at
+    s x its learning rate (SCAN's network under its heads)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if hasattr(model, "optimizer_groups") and options.optimizer != "lars":
+        params = model.optimizer_groups()
     if options.optimizer == "lars":  # biases and norm parameters: no weight decay, no trust ratio (SimCLR)
         return LARS(lars_param_groups(model, options.weight_decay), lr=options.lr, momentum=options.momentum)
     if options.optimizer == "sgd":
@@ -304,7 +309,7 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                     lr = learning_rate(epoch * steps_per_epoch + batch_index, total_steps, warmup_steps, options.lr,
                                        options.schedule)
                     for param_group in optimizer.param_groups:
-                        param_group["lr"] = lr
+                        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
                     inputs = to_device(inputs, device)
                     targets = targets.to(device, non_blocking=True)
                     if batch_transform is not None:
