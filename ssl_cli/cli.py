@@ -229,7 +229,7 @@ def extract(cfg: ExtractConfig) -> None:
     *group("pca_sample", "niter", "max_points_per_centroid", "backend", "gpu", "chunk_rows", "method", "model"),
     *group("data", "assign_data", "layer", "pool_size", "neighbours", "neighbours_k", "neighbours_method", "heads",
            "entropy_weight", "scan_epochs", "self_label", "self_label_epochs", "threshold", "self_label_lr",
-           "batch_size", "lr", "seed"),
+           "batch_size", "lr", "scan_backbone", "backbone_lr", "seed"),
     *RUNTIME))
 def cluster(cfg: ClusterConfig) -> None:
     """k-means of PCA-whitened, L2-normalised features, or SCAN (--method scan) -> clusters.h5."""

@@ -154,7 +154,7 @@ class ExtractConfig(StageConfig):
 KMEANS_FIELDS = ("pca_dim", "pca_sample", "niter", "max_points_per_centroid", "backend", "gpu", "chunk_rows")
 SCAN_FIELDS = ("model", "data", "assign_data", "layer", "pool_size", "neighbours", "neighbours_k", "neighbours_method",
                "heads", "entropy_weight", "scan_epochs", "self_label", "self_label_epochs", "threshold", "batch_size",
-               "lr", "self_label_lr")
+               "lr", "self_label_lr", "scan_backbone", "backbone_lr")
 
 
 class ClusterConfig(StageConfig):
@@ -197,6 +197,12 @@ class ClusterConfig(StageConfig):
                                  "1e-4; a linear head on frozen features drifts to a few clusters at 1e-2)")
     batch_size: int = Field(256, ge=1, le=65536, description="scan: images per step")
     lr: float = Field(1e-3, gt=0, le=10, description="scan: AdamW learning rate of the heads")
+    scan_backbone: Literal["train", "frozen"] = Field(
+        "train", description="scan: train = SCAN as published: the SCAN step and self-labelling train the pretext "
+        "network up to --layer with the heads, on augmented images (writes <stem>.network.pt); frozen = heads on the "
+        "frozen network's cached features (no network forward in the SCAN step)")
+    backbone_lr: float = Field(1e-4, gt=0, le=10, description="scan, --scan-backbone train: AdamW learning rate of the "
+                               "network's layers in both steps (SCAN's 1e-4; the heads keep --lr, then --self-label-lr)")
     DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"gpu", "chunk_rows", "neighbours"}
 
     @classmethod
@@ -217,6 +223,8 @@ class ClusterConfig(StageConfig):
         unused = ("method", *SCAN_FIELDS) if self.method == "kmeans" else KMEANS_FIELDS
         if self.method == "scan" and not self.self_label:
             unused += ("self_label_epochs", "threshold", "self_label_lr")
+        if self.method == "scan" and self.scan_backbone == "frozen":
+            unused += ("backbone_lr",)
         return unused
 
     def result_config(self) -> dict[str, Any]:
@@ -226,6 +234,8 @@ class ClusterConfig(StageConfig):
             config.pop(name, None)
         if config.get("neighbours_method") == "auto":  # SCAN outputs from before the option keep their fingerprint
             config.pop("neighbours_method")
+        if config.get("scan_backbone") == "frozen":  # the frozen SCAN of before the option keeps its fingerprint
+            config.pop("scan_backbone")
         return config
 
     @field_validator("pca_dim", mode="before")

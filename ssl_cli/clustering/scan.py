@@ -16,9 +16,14 @@ The parts `ssl cluster --method scan` chains (see `ssl_cli.stages.scan`):
    augmented view (random resized crops and colour jitter), the cross entropy balanced over clusters
    (`self_label_loss`).
 
-The network stays frozen (the paper also updates it, and augments the SCAN step's images): the
-clusters are then a linear map of the features `ssl extract` gives for the same layer, which is how
-`ssl pseudolabel` labels any other images with them, as it does with k-means centroids.
+Two ways to run steps 2 and 3. As published (`NetworkHeads`, `NeighbourImages`): the network up to the
+layer read trains with the heads, on augmented images of each anchor and one of its neighbours, then on
+the strong views of self-labelling; the neighbours stay those mined once from the pretext network. Or
+with the network frozen (`ClusterHeads` on cached features, `NeighbourPairs`; `ImageHeads` for
+self-labelling): no forward pass of the network in the SCAN step. Either way the clusters are a linear
+map of the features `ssl extract` gives for the same layer of the network that came out (the trained
+one, or the pretext one), which is how `ssl pseudolabel` labels any other images with them, as it does
+with k-means centroids.
 """
 
 from __future__ import annotations
@@ -103,6 +108,61 @@ class ImageHeads(nn.Module):
         return self.cluster_heads(features)
 
 
+class NetworkHeads(nn.Module):
+    """A feature reader that trains ((B, 3, S, S) -> (B, D), `LayerReader` over the network's own modules)
+    under `ClusterHeads`: images -> list of (B, k) logits, SCAN as published. `optimizer_groups` gives the
+    loop the heads at its learning rate and the reader at `backbone_lr_scale` times it."""
+
+    def __init__(self, reader: nn.Module, heads: ClusterHeads, backbone_lr_scale: float = 1.0):
+        super().__init__()
+        self.reader = reader
+        self.cluster_heads = heads
+        self.backbone_lr_scale = backbone_lr_scale
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.cluster_heads.parameters()), "lr_scale": 1.0},  # first: the lr reported
+                {"params": [p for p in self.reader.parameters() if p.requires_grad],
+                 "lr_scale": self.backbone_lr_scale}]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.cluster_heads(self.reader(images))
+
+
+def drawn_neighbour(neighbours: np.ndarray, seed: int, epoch: int, position: int) -> int:
+    """The neighbour (a row of neighbours (N, K)) that row `position` is paired with in `epoch`: a pure
+    function of (seed, epoch, position), so a resumed epoch sees the same pairs."""
+    rng = np.random.default_rng([seed, epoch, position])
+    return int(neighbours[position, rng.integers(neighbours.shape[1])])
+
+
+class NeighbourImages(Dataset):
+    """Items are ([uint8 image (3, T, T), uint8 image of one of its neighbours], target, position, ok) over
+    `images` (a `ResizedImages` whose position i is row i of neighbours (N, K)); the neighbour drawn as
+    `NeighbourPairs` draws it. The loop's batch transform augments both views on the device."""
+
+    def __init__(self, images: Any, neighbours: np.ndarray, seed: int):
+        self.images, self.neighbours, self.seed, self.epoch = images, neighbours, seed, 0
+
+    @property
+    def in_memory(self) -> bool:
+        return bool(getattr(self.images, "in_memory", False))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def sample_id(self, position: int) -> str:
+        return self.images.sample_id(position)
+
+    def __getitem__(self, position: int):
+        other = drawn_neighbour(self.neighbours, self.seed, self.epoch, position)
+        anchor, target, _, ok = self.images[position]
+        partner, _, _, partner_ok = self.images[other]
+        return [anchor, partner], target, position, bool(ok and partner_ok)
+
+
 class NeighbourPairs(Dataset):
     """Items are ([features of an image, of one of its neighbours], target, position, True); the
     neighbour is drawn per (seed, epoch, position), so a resumed epoch sees the same pairs.
@@ -126,13 +186,13 @@ class NeighbourPairs(Dataset):
         return str(self.sample_ids[position])
 
     def __getitem__(self, position: int):
-        rng = np.random.default_rng([self.seed, self.epoch, position])
-        other = int(self.neighbours[position, rng.integers(self.neighbours.shape[1])])
+        other = drawn_neighbour(self.neighbours, self.seed, self.epoch, position)
         return [self.features[position], self.features[other]], self.targets[position], position, True
 
 
 def scan_step(entropy_weight: float):
-    """The loop's step of the SCAN stage: inputs [anchors, neighbours], each (B, D) features.
+    """The loop's step of the SCAN stage: inputs [anchors, neighbours], each (B, D) features (or (B, 3, S, S)
+    images, for `NetworkHeads`).
 
     Under torchrun (the context's group active) the entropy term is that of the mean prediction over
     every rank's anchors (gathered with their gradients), the consistency term this rank's mean: with

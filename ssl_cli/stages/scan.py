@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,8 @@ from ssl_cli.artifacts.outputs import artifact_fingerprint, plan_output
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.clustering.metrics import cluster_quality
 from ssl_cli.clustering.neighbours import mining_settings, resolve_method, search_neighbours
-from ssl_cli.clustering.scan import (ClusterHeads, ImageHeads, NeighbourPairs, assign, feature_statistics,
-                                     head_losses, neighbour_agreement, scan_step)
+from ssl_cli.clustering.scan import (ClusterHeads, ImageHeads, NeighbourImages, NeighbourPairs, NetworkHeads, assign,
+                                     feature_statistics, head_losses, neighbour_agreement, scan_step)
 from ssl_cli.clustering.summary import summary_of
 from ssl_cli.config import ClusterConfig, ExtractConfig
 from ssl_cli.data.batch_augment import BatchAugment, normalise_mode
@@ -55,6 +56,7 @@ from ssl_cli.data.sources import open_source
 from ssl_cli.device import resolve_device
 from ssl_cli.errors import UserError
 from ssl_cli.models.layers import LayerReader
+from ssl_cli.models.network import network_from_checkpoint, trained_state, untrained_record
 from ssl_cli.pretext.losses.scan import self_label_loss
 from ssl_cli.report import Reporter
 from ssl_cli.stages import StageResult
@@ -118,12 +120,21 @@ def prepared_extractions(cfg: ClusterConfig) -> dict[str, tuple[ExtractConfig, e
     return extractions
 
 
-def extract_owned(config: ExtractConfig, prepared: extract_stage.Prepared, name: Path, reporter: Reporter) -> Path:
+def network_extraction(cfg: ClusterConfig, data: str, network_file: Path) -> tuple[ExtractConfig, extract_stage.Prepared]:
+    """The `ssl extract` of `data` by a network the stage trained (`network_file`, a checkpoint `ssl extract
+    --model` reads), at --layer pooled to --pool-size, into the cached file of its fingerprint."""
+    config = extract_config(cfg, data, cfg.out).model_copy(update={"model": network_file})
+    prepared = extract_stage.prepare(config)
+    return config.model_copy(update={"out": cached(cfg, "features", prepared.provenance.fingerprint, ".h5")}), prepared
+
+
+def extract_owned(config: ExtractConfig, prepared: extract_stage.Prepared, name: Path | None,
+                  reporter: Reporter) -> Path:
     """Run an extraction whose output the stage owns (replaced when stale, reused when up to date) and link
-    `name` beside --out to it. Returns the cached file."""
+    `name` beside --out to it (None: no link). Returns the cached file."""
     extract_stage.run(config.model_copy(update={"force": stale(config.out, prepared.provenance.fingerprint)}), reporter)
     group = distributed.join(resolve_device(config.device).type)  # under torchrun extract shards, then leaves the group
-    if group.is_main:
+    if group.is_main and name is not None:
         link(name, config.out)
     distributed.barrier(group)
     return config.out
@@ -153,7 +164,9 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     if cfg.k > len(source):
         raise UserError(f"--k {cfg.k} is larger than the {len(source)} images of --data; use --k {len(source)} or less")
     (cfg.out.parent / CACHE_FOLDER).mkdir(parents=True, exist_ok=True)
-    files = {"features": extract_owned(*extractions["features"], beside_out(cfg, ".features.h5"), reporter)}
+    frozen = cfg.scan_backbone == "frozen"  # trained: <stem>.features.h5 is the trained network's, linked later
+    files = {"features": extract_owned(*extractions["features"], beside_out(cfg, ".features.h5") if frozen else None,
+                                       reporter)}
     features, targets, ids, fingerprint = read_features(files["features"])
     mining = resolve_method(cfg.neighbours_method, len(features), warn=reporter.warn)
     neighbours_record = make_provenance("neighbours", "scan", {"neighbours_k": cfg.neighbours_k,
@@ -163,28 +176,13 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     files["neighbours"] = cfg.neighbours or cached(cfg, "neighbours", neighbours_record.fingerprint, ".h5")
     neighbours, agreement = neighbours_of(cfg, files["neighbours"], neighbours_record, mining, features, targets, ids,
                                           reporter)
-
     prepared = extractions["features"][1]
-    raw = torch.from_numpy(features)
-    model, files["scan"], scan_record = scan_heads(cfg, raw, targets, ids, neighbours, files["neighbours"],
-                                                   neighbours_record.fingerprint, reporter)
-    group = distributed.join(resolve_device(cfg.device).type)  # the training loop leaves the group at its end
+    steps = frozen_heads if frozen else trained_network
+    kept, (features, targets, ids) = steps(cfg, source, extractions, files, (features, targets, ids), neighbours,
+                                           neighbours_record.fingerprint, reporter)
+    chosen, best, losses, confident = kept.heads, kept.head, kept.losses, kept.confident
+    group = distributed.join(resolve_device(cfg.device).type)  # the training loop and extract leave the group
     device = compute_device(cfg, group)
-    losses = head_losses(model.to(device), raw, neighbours, cfg.entropy_weight, group)
-    best = int(np.argmin(losses))
-    chosen = ClusterHeads(raw.shape[1], cfg.k, 1, model.mean.cpu(), model.std.cpu())
-    chosen.heads[0].load_state_dict(model.heads[best].state_dict())
-    confident = None
-    if cfg.self_label:
-        network = prepared.network
-        reader = LayerReader(network.model, network.spec, prepared.layer, "avg", cfg.pool_size)
-        chosen, confident, files["selflabel"] = self_label(cfg, files["scan"], source, network, reader, chosen,
-                                                           scan_record, reporter)
-        group = distributed.join(resolve_device(cfg.device).type)
-
-    if cfg.assign_data is not None:
-        files["assign"] = extract_owned(*extractions["assign"], beside_out(cfg, ".assign-features.h5"), reporter)
-        features, targets, ids, _ = read_features(files["assign"])
     chosen = chosen.to(device)
     assignments, confidence, shares = assign(chosen, torch.from_numpy(features), group=group)
     sizes = np.bincount(assignments, minlength=cfg.k)
@@ -192,7 +190,7 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
     seconds = time.perf_counter() - began
     summary = {"k": cfg.k, "rows": len(assignments), "method": "scan", "head": best,
                "head_losses": [round(v, 4) for v in losses], "neighbour_agreement": agreement,
-               "self_labelled": confident, "empty_clusters": int((sizes == 0).sum()),
+               "self_labelled": confident, "scan_backbone": cfg.scan_backbone, "empty_clusters": int((sizes == 0).sum()),
                "largest_cluster": int(sizes.max()), "seconds": round(seconds, 3), "metrics": quality,
                **({"ranks": group.world} if group.active else {})}
     chosen = chosen.cpu()
@@ -207,11 +205,176 @@ def run(cfg: ClusterConfig, reporter: Reporter) -> StageResult:
             "k": cfg.k, "method": "scan", "n_empty": summary["empty_clusters"], "metrics": quality or {},
             "seconds": seconds, "head": best, "head_losses": losses, "neighbour_agreement": agreement,
             "self_labelled": confident, "layer": prepared.layer, "pool_size": cfg.pool_size,
+            "scan_backbone": cfg.scan_backbone, "network": str(kept.network) if kept.network else None,
             "pca_dim_used": 0, "pca_whitened": False, "ranks": group.world, "rank_rows": shares,
             "intermediates": {name: str(path) for name, path in files.items()}}.items() if value is not None})
     distributed.barrier(group)
     distributed.teardown(group)
     return StageResult("cluster", cfg.out, "written", {k: v for k, v in summary.items() if v is not None})
+
+
+@dataclass
+class Kept:
+    """What the SCAN step and self-labelling leave: the kept head (`ClusterHeads` of one head, on the CPU),
+    its index among the SCAN step's heads, every head's whole-set loss, the images self-labelled in the last
+    epoch (None without self-labelling) and the network checkpoint linked beside --out (None when frozen)."""
+
+    heads: ClusterHeads
+    head: int
+    losses: list[float]
+    confident: int | None = None
+    network: Path | None = None
+
+
+def one_head(heads: ClusterHeads, index: int) -> ClusterHeads:
+    """Head `index` of `heads` alone (with the same standardisation), on the CPU."""
+    chosen = ClusterHeads(heads.mean.shape[0], heads.heads[index].out_features, 1, heads.mean.cpu(), heads.std.cpu())
+    chosen.heads[0].load_state_dict(heads.heads[index].state_dict())
+    return chosen
+
+
+def frozen_heads(cfg: ClusterConfig, source, extractions: dict, files: dict[str, Path], rows: tuple, neighbours: np.ndarray,
+                 neighbours_fingerprint: str, reporter: Reporter) -> tuple[Kept, tuple]:
+    """--scan-backbone frozen: the heads on the pretext network's cached features, self-labelling through the
+    frozen network. Returns the kept head and the (features, targets, ids) the clusters assign."""
+    features, targets, ids = rows
+    prepared = extractions["features"][1]
+    raw = torch.from_numpy(features)
+    model, files["scan"], scan_record = scan_heads(cfg, raw, targets, ids, neighbours, files["neighbours"],
+                                                   neighbours_fingerprint, reporter)
+    group = distributed.join(resolve_device(cfg.device).type)  # the training loop leaves the group at its end
+    losses = head_losses(model.to(compute_device(cfg, group)), raw, neighbours, cfg.entropy_weight, group)
+    best = int(np.argmin(losses))
+    chosen = one_head(model, best)
+    confident = None
+    if cfg.self_label:
+        network = prepared.network
+        reader = LayerReader(network.model, network.spec, prepared.layer, "avg", cfg.pool_size)
+        images = ResizedImages(source, np.arange(len(source)), np.asarray(source.targets), network.input_size)
+        chosen, confident, files["selflabel"] = self_label(
+            cfg, files["scan"], scan_record, images, network, ImageHeads(reader, chosen),
+            lambda m: {"model": m.cluster_heads.state_dict(), "meta": {"task": "scan-self-label", "k": cfg.k}}, reporter)
+        group = distributed.join(resolve_device(cfg.device).type)
+    if cfg.assign_data is not None:
+        files["assign"] = extract_owned(*extractions["assign"], beside_out(cfg, ".assign-features.h5"), reporter)
+        features, targets, ids, _ = read_features(files["assign"])
+    return Kept(chosen, best, losses, confident), (features, targets, ids)
+
+
+def trained_network(cfg: ClusterConfig, source, extractions: dict, files: dict[str, Path], rows: tuple,
+                    neighbours: np.ndarray, neighbours_fingerprint: str, reporter: Reporter) -> tuple[Kept, tuple]:
+    """--scan-backbone train, SCAN as published: the SCAN step trains the pretext network up to --layer with
+    the heads on augmented (anchor, neighbour) images; the lowest-loss head is chosen on the trained network's
+    features of --data; self-labelling trains that network and head on. The last network is linked as
+    <stem>.network.pt, its features of --data as <stem>.features.h5 (and of --assign-data). Returns the kept
+    head and the (features, targets, ids) the clusters assign: the trained network's."""
+    features, targets, ids = rows
+    prepared = extractions["features"][1]
+    pretext = load_checkpoint(cfg.model)["meta"]
+    images = ResizedImages(source, source_rows(source, ids), targets, prepared.network.input_size)  # row i: feature i
+    files["scan"], scan_record = scan_network(cfg, prepared.layer, pretext, images, torch.from_numpy(features),
+                                              neighbours, files["neighbours"], neighbours_fingerprint, reporter)
+    del features
+    files["scan_features"] = extract_owned(*network_extraction(cfg, cfg.data, files["scan"]), None, reporter)
+    scanned = torch.from_numpy(read_features(files["scan_features"])[0])
+    heads = ClusterHeads(scanned.shape[1], cfg.k, cfg.heads)
+    heads.load_state_dict(load_checkpoint(files["scan"])["heads"])
+    group = distributed.join(resolve_device(cfg.device).type)
+    losses = head_losses(heads.to(compute_device(cfg, group)), scanned, neighbours, cfg.entropy_weight, group)
+    del scanned
+    best = int(np.argmin(losses))
+    chosen = one_head(heads, best)
+    confident, network_file = None, files["scan"]
+    if cfg.self_label:
+        network = network_from_checkpoint(files["scan"])
+        model = NetworkHeads(layer_reader(network, prepared.layer, cfg.pool_size), chosen,
+                             cfg.backbone_lr / cfg.self_label_lr)
+        chosen, confident, files["selflabel"] = self_label(
+            cfg, files["scan"], scan_record, images, network, model,
+            lambda m: network_payload(network, prepared.layer, pretext, m.cluster_heads, "scan-self-label", cfg.k),
+            reporter, {"scan_backbone": "train", "backbone_lr": cfg.backbone_lr})
+        network_file = files["selflabel"]
+    del images
+    linked = beside_out(cfg, ".network.pt")
+    group = distributed.join(resolve_device(cfg.device).type)
+    if group.is_main:
+        link(linked, network_file)
+    distributed.barrier(group)
+    files["network_features"] = extract_owned(*network_extraction(cfg, cfg.data, network_file),
+                                              beside_out(cfg, ".features.h5"), reporter)
+    assigned = files["network_features"]
+    if cfg.assign_data is not None:
+        files["assign"] = extract_owned(*network_extraction(cfg, cfg.assign_data, network_file),
+                                        beside_out(cfg, ".assign-features.h5"), reporter)
+        assigned = files["assign"]
+    features, targets, ids, _ = read_features(assigned)
+    return Kept(chosen, best, losses, confident, linked), (features, targets, ids)
+
+
+def layer_reader(network, layer: str, pool_size: int) -> LayerReader:
+    """The network up to `layer`, average-pooled to `pool_size` and flattened, as `ssl extract` reads it; its
+    modules are the network's own, so training the reader trains `network.model`."""
+    return LayerReader(network.model, network.spec, layer, "avg", pool_size)
+
+
+def source_rows(source, ids: np.ndarray) -> np.ndarray:
+    """The source positions (N,) of the sample ids (N,) of a features file (extract skips unreadable images)."""
+    if len(ids) == len(source) and np.array_equal(ids, np.asarray(source.sample_ids, dtype=ids.dtype)):
+        return np.arange(len(ids))
+    position = {sample_id: index for index, sample_id in enumerate(source.sample_ids)}
+    return np.array([position[str(sample_id)] for sample_id in ids], dtype=np.int64)
+
+
+def weak_view(network) -> BatchAugment:
+    """Flips and shifts of up to `default_shift` pixels: the SCAN step's views, self-labelling's label view."""
+    return BatchAugment(network.mean, network.std, shift=default_shift(network.input_size), flip=True,
+                        normalise=normalise_mode(network.input_mode, network.per_image_normalise))
+
+
+def strong_view(network) -> BatchAugment:
+    """Random resized crops (area >= STRONG_MIN_SCALE), shifts, flips and colour jitter: what self-labelling learns."""
+    return BatchAugment(network.mean, network.std, min_scale=STRONG_MIN_SCALE, shift=default_shift(network.input_size),
+                        flip=True, color_jitter=STRONG_JITTER,
+                        normalise=normalise_mode(network.input_mode, network.per_image_normalise))
+
+
+def network_payload(network, layer: str, pretext: dict, heads: ClusterHeads, task: str, k: int) -> dict:
+    """A checkpoint `ssl extract --model` reads: the network as its pretext checkpoint (`pretext`: that
+    checkpoint's meta) records one (arch and options, input size, normalisation; modules the pretext stage
+    never trained are left out as it left them, rebuilt from their recorded seed), `layer` as the feature
+    layer, and the clustering heads' state under "heads"."""
+    untrained = pretext.get("untrained") if network.projection is None else None
+    modules = tuple(untrained.get("modules", [])) if untrained else ()
+    meta = {**network.describe(), "feature_layer": layer, "task": task, "k": k, "pretext_task": pretext.get("task")}
+    if modules:
+        meta["untrained"] = untrained_record(modules, int(untrained.get("init_seed", 0)))
+    return {"meta": meta, "model": trained_state(network.model, modules), "heads": heads.state_dict()}
+
+
+def scan_network(cfg: ClusterConfig, layer: str, pretext: dict, images: ResizedImages, raw: torch.Tensor,
+                 neighbours: np.ndarray, neighbours_file: Path, neighbours_fingerprint: str, reporter: Reporter):
+    """The SCAN step as published: the pretext network up to `layer` and `--heads` heads, trained through the
+    shared loop on weakly augmented (anchor, neighbour) images (`NeighbourImages`); the heads standardise with
+    the statistics of the pretext features raw (N, D). Returns the cached network checkpoint and its provenance."""
+    network = network_from_checkpoint(cfg.model)  # its own copy: the step trains it in place
+    with torch.random.fork_rng(devices=[]):  # the heads' start depends on --seed alone
+        torch.manual_seed(cfg.seed)
+        heads = ClusterHeads(raw.shape[1], cfg.k, cfg.heads, *feature_statistics(raw))
+    model = NetworkHeads(layer_reader(network, layer, cfg.pool_size), heads, cfg.backbone_lr / cfg.lr)
+    weak = weak_view(network)
+    options = TrainOptions(epochs=cfg.scan_epochs, batch_size=min(cfg.batch_size, rows_per_rank(len(images))),
+                           lr=cfg.lr, optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
+                           device=cfg.device, workers=cfg.workers, progress=cfg.progress)
+    record = make_provenance("checkpoint", "scan", cfg.recorded_config(),
+                             {"step": "scan", **{name: getattr(cfg, name) for name in SCAN_STEP_FIELDS},
+                              "scan_backbone": "train", "backbone_lr": cfg.backbone_lr},
+                             [{"path": str(neighbours_file), "fingerprint": neighbours_fingerprint}])
+    out = cached(cfg, "scan", record.fingerprint, ".pt")
+    train(model, NeighbourImages(images, neighbours, cfg.seed), scan_step(cfg.entropy_weight), options, out, record,
+          lambda m: network_payload(network, layer, pretext, m.cluster_heads, "scan", cfg.k),
+          force=stale(out, record.fingerprint), reporter=reporter,
+          batch_transform=lambda views, generator: [weak(view, generator) for view in views])
+    return out, record
 
 
 def compute_device(cfg: ClusterConfig, group: distributed.ProcessGroup) -> torch.device:
@@ -295,18 +458,14 @@ def neighbours_of(cfg: ClusterConfig, path: Path, record, method: str, features:
     return indices, agreement
 
 
-def self_label(cfg: ClusterConfig, scan_file: Path, source, network, reader, heads: ClusterHeads,
-               scan_record, reporter: Reporter) -> tuple[ClusterHeads, int, Path]:
-    """Train the kept head on its own confident predictions: the weak view (flips and shifts) picks the
-    labels, the strong view (crops and jitter) learns them. Returns the head, the number of images
-    that were confident in the last epoch and the cached checkpoint."""
-    size = network.input_size
-    normalise = normalise_mode(network.input_mode, network.per_image_normalise)
-    weak = BatchAugment(network.mean, network.std, shift=default_shift(size), flip=True, normalise=normalise)
-    strong = BatchAugment(network.mean, network.std, min_scale=STRONG_MIN_SCALE, shift=default_shift(size), flip=True,
-                          color_jitter=STRONG_JITTER, normalise=normalise)
-    model = ImageHeads(reader, heads)
-    images = ResizedImages(source, np.arange(len(source)), np.asarray(source.targets), size)
+def self_label(cfg: ClusterConfig, scan_file: Path, scan_record, images: ResizedImages, network, model,
+               payload, reporter: Reporter, trained: dict | None = None) -> tuple[ClusterHeads, int, Path]:
+    """Train the kept head (`model.cluster_heads`, under the frozen `ImageHeads` or the training `NetworkHeads`)
+    on its own confident predictions of `images`: the weak view (flips and shifts) picks the labels, the strong
+    view (crops and jitter) learns them. `payload` makes the checkpoint; `trained` adds the network's settings to
+    its fingerprint. Returns the head, the number of images that were confident in the last epoch and the
+    cached checkpoint."""
+    weak, strong = weak_view(network), strong_view(network)
     threshold = cfg.threshold
 
     def step(module, inputs, targets, context=None):
@@ -315,19 +474,18 @@ def self_label(cfg: ClusterConfig, scan_file: Path, source, network, reader, hea
         loss, count = self_label_loss(logits[: len(weak_view)], logits[len(weak_view):], threshold)
         return loss, count / len(weak_view)  # "accuracy" of the metrics file: the confident fraction
 
-    options = TrainOptions(epochs=cfg.self_label_epochs, batch_size=min(cfg.batch_size, rows_per_rank(len(source))),
+    options = TrainOptions(epochs=cfg.self_label_epochs, batch_size=min(cfg.batch_size, rows_per_rank(len(images))),
                            lr=cfg.self_label_lr, optimizer="adamw", weight_decay=1e-4, schedule="constant", seed=cfg.seed,
                            device=cfg.device, workers=cfg.workers, progress=cfg.progress)
     record = make_provenance("checkpoint", "scan", cfg.recorded_config(),
                              {"step": "self-label", "threshold": cfg.threshold, "epochs": cfg.self_label_epochs,
-                              "lr": cfg.self_label_lr, "batch_size": cfg.batch_size, "seed": cfg.seed},
+                              "lr": cfg.self_label_lr, "batch_size": cfg.batch_size, "seed": cfg.seed, **(trained or {})},
                              [{"path": str(scan_file), "fingerprint": scan_record.fingerprint}])
     out = cached(cfg, "selflabel", record.fingerprint, ".pt")
-    result = train(model, images, step, options, out, record,
-                   lambda m: {"model": m.cluster_heads.state_dict(), "meta": {"task": "scan-self-label", "k": cfg.k}},
-                   force=stale(out, record.fingerprint), reporter=reporter,
-                   batch_transform=lambda x, g: [weak(x, g), strong(x, g)])
+    result = train(model, images, step, options, out, record, payload, force=stale(out, record.fingerprint),
+                   reporter=reporter, batch_transform=lambda x, g: [weak(x, g), strong(x, g)])
     saved = load_checkpoint(out)
-    heads.load_state_dict(saved["model"])
+    heads = model.cluster_heads.cpu()
+    heads.load_state_dict(saved["heads"] if "heads" in saved else saved["model"])
     history = result.history or saved["meta"]["history"]
-    return heads, int(round((history[-1]["accuracy"] or 0.0) * len(source))), out
+    return heads, int(round((history[-1]["accuracy"] or 0.0) * len(images))), out

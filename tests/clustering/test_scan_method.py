@@ -129,8 +129,10 @@ def test_row_shares_cover_the_rows_once_in_order(n, world):
 
 # --- the stage on toy images -------------------------------------------------------------------------
 
+# the frozen variant (heads on cached features); tests/clustering/test_scan_backbone.py trains the network
 COMMON = ["--k", str(TOY_CLASSES), "--scan-epochs", "12", "--self-label-epochs", "2", "--batch-size", "32", "--lr",
-          "0.01", "--heads", "3", "--neighbours-k", "5", "--workers", "0", "--device", "cpu", "--no-progress"]
+          "0.01", "--heads", "3", "--neighbours-k", "5", "--workers", "0", "--device", "cpu", "--no-progress",
+          "--scan-backbone", "frozen"]
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +250,7 @@ def test_ssl_run_chains_a_scan_stage(pretext_pt, toy_dir, cli, tmp_path):
     stages.write_text(f"""stages:
   cluster:
     cmd: cluster
-    params: {{method: scan, model: {pretext_pt}, data: {toy_dir}, k: 4, scan_epochs: 2, self_label: false,
+    params: {{method: scan, scan_backbone: frozen, model: {pretext_pt}, data: {toy_dir}, k: 4, scan_epochs: 2, self_label: false,
               heads: 2, neighbours_k: 5, batch_size: 32, workers: 0, device: cpu, out: {tmp_path}/c.h5}}
   pseudolabel:
     cmd: pseudolabel

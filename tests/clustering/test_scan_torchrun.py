@@ -25,7 +25,7 @@ from ssl_cli.clustering.scan import ClusterHeads, assign
 from ports import free_port
 
 SCAN = ["--k", "4", "--scan-epochs", "3", "--lr", "0.01", "--heads", "2", "--neighbours-k", "5", "--workers", "0",
-        "--device", "cpu", "--no-progress"]
+        "--device", "cpu", "--no-progress", "--scan-backbone", "frozen"]
 
 
 @pytest.fixture(scope="module")
