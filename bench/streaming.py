@@ -20,6 +20,7 @@ state: from the first batch in hand to the last (start-up is left out: once per 
     python bench/streaming.py                          # 50k x 32 px and 20k x 96 px, 3 repeats
     python bench/streaming.py --sizes 32 --n 20000 --repeats 1
     python bench/streaming.py --store imagenet96.h5 --sizes 96 --device cuda
+    python bench/streaming.py --kinds store folder --sizes 32 --n 20000   # a folder of PNGs streams too
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from ssl_cli.artifacts.h5 import RowWriter
 from ssl_cli.artifacts.schema import make_provenance
 from ssl_cli.data.batch_augment import BatchAugment, step_generator
 from ssl_cli.data.resized import ResizedImages
-from ssl_cli.data.sources import H5ImageSource
+from ssl_cli.data.sources import open_source
+from ssl_cli.data.toy import write_toy_folder
 from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_cli.device import resolve_device
 from ssl_cli.models.registry import build_model
@@ -102,7 +104,7 @@ def consume(loader, work, limit: int | None) -> float:
 
 def measure(store: Path, size: int, workers: int, repeats: int, step_images: int, device: torch.device,
             consumers: list[str]) -> dict:
-    source = H5ImageSource(store)
+    source = open_source(str(store))  # an images store, or a folder of PNGs (decoded in the workers)
     indices = np.arange(len(source))
     labels = source.targets.astype(np.int64)
     loaded = time.perf_counter()
@@ -129,8 +131,8 @@ def measure(store: Path, size: int, workers: int, repeats: int, step_images: int
         memory, stream = statistics.median(by_path["memory"]), statistics.median(by_path["stream"])
         table[consumer] = {"memory": memory, "stream": stream, "ratio": stream / memory,
                            "memory_all": by_path["memory"], "stream_all": by_path["stream"]}
-    return {"size": size, "n": len(source), "workers": workers, "load_into_memory_seconds": load_seconds,
-            "consumers": table}
+    return {"size": size, "n": len(source), "kind": "folder" if store.is_dir() else "store", "workers": workers,
+            "load_into_memory_seconds": load_seconds, "consumers": table}
 
 
 def main() -> None:
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=None,
                         help="images per size (default: 50000 at <= 32 px, 20000 above)")
     parser.add_argument("--store", type=Path, default=None, help="an existing images store (one --sizes value)")
+    parser.add_argument("--kinds", nargs="+", default=["store"], choices=["store", "folder"],
+                        help="what streams: an images store, or a folder of toy PNGs (decoded in the workers)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--step-images", type=int, default=3200, help="images per training-step measurement at 32 px")
@@ -152,12 +156,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for position, size in enumerate(args.sizes):
             n = args.n[min(position, len(args.n) - 1)] if args.n else (50_000 if size <= 32 else 20_000)
-            store = args.store or write_store(Path(tmp) / f"noise-{size}px.h5", n, size)
-            results.append(measure(store, size, args.workers, args.repeats, args.step_images, device, args.consumers))
-    print(f"\n{'size':>5} {'n':>7} {'consumer':>8} {'memory img/s':>13} {'stream img/s':>13} {'ratio':>6}")
+            for kind in args.kinds:
+                if kind == "folder":  # toy PNGs: noise would compress badly and decode unlike photographs
+                    store = Path(tmp) / f"toy-{size}px"
+                    write_toy_folder(store, n, classes=10, size=size, seed=0, workers=2)
+                else:
+                    store = args.store or write_store(Path(tmp) / f"noise-{size}px.h5", n, size)
+                results.append(measure(store, size, args.workers, args.repeats, args.step_images, device,
+                                       args.consumers))
+    print(f"\n{'kind':>6} {'size':>5} {'n':>7} {'consumer':>8} {'memory img/s':>13} {'stream img/s':>13} {'ratio':>6}")
     for row in results:
         for consumer, figures in row["consumers"].items():
-            print(f"{row['size']:>5} {row['n']:>7} {consumer:>8} {figures['memory']:>13,.0f} "
+            print(f"{row['kind']:>6} {row['size']:>5} {row['n']:>7} {consumer:>8} {figures['memory']:>13,.0f} "
                   f"{figures['stream']:>13,.0f} {figures['ratio']:>6.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
