@@ -232,7 +232,11 @@ def extract(cfg: ExtractConfig) -> None:
            "batch_size", "lr", "scan_backbone", "backbone_lr", "seed"),
     *RUNTIME))
 def cluster(cfg: ClusterConfig) -> None:
-    """k-means of PCA-whitened, L2-normalised features, or SCAN (--method scan) -> clusters.h5."""
+    """k-means of PCA-whitened, L2-normalised features, or SCAN (--method scan) -> clusters.h5.
+
+    SCAN trains the pretext network with its heads by default (--scan-backbone train, as published) and links
+    the trained network beside the output as <stem>.network.pt (for `ssl extract --model`), its features as
+    <stem>.features.h5; --scan-backbone frozen trains the heads alone on the network's features."""
     _run_stage("cluster", cfg)
 
 

@@ -1,33 +1,53 @@
 """`ssl cluster --method scan`: SCAN's three steps from a pretext checkpoint and images (see
 `ssl_cli.clustering.scan`), each a resumable artifact in `scan-cache/` beside the output, named by a
 short hash of what it depends on (so another --out from the same checkpoint, layer, pool size and
-data reuses them, and a changed input makes a new one):
+data reuses them, and a changed input makes a new one).
 
-  features-<hash>.h5     `ssl extract` of --data at --layer (avg-pooled to --pool-size); also linked
-                         as <stem>.features.h5 beside the output, the file `ssl pseudolabel` takes
+--scan-backbone train (the default, SCAN as published) trains the pretext network up to --layer (average-
+pooled to --pool-size, flattened: what `ssl extract` reads) with the heads, in both steps, on images
+augmented on the device (`BatchAugment`): the SCAN step on an anchor and one of its mined neighbours, both
+weak views (flips, shifts), self-labelling on weak and strong views. The network's layers learn at
+--backbone-lr, the heads at --lr (SCAN step) and --self-label-lr. --scan-backbone frozen trains the heads
+alone, on the cached features of the frozen network (the SCAN step then costs no forward pass of it):
+
+  features-<hash>.h5     `ssl extract` of --data by the pretext network at --layer (avg-pooled to
+                         --pool-size): the neighbours are mined from it (and, frozen, the heads train on
+                         it); frozen, also linked as <stem>.features.h5 beside the output
   neighbours-<hash>.h5   the --neighbours-k nearest neighbours of every image (or --neighbours PATH):
                          sample_ids, indices (N, K), cosine distances (N, K); attrs: agreement, and how
                          they were mined (method: exact, ivf or hnsw, with nlist, nprobe, the measured
                          recall..., see `ssl_cli.clustering.neighbours`)
-  scan-<hash>.pt         the clustering heads after the SCAN step (the shared training loop)
-  selflabel-<hash>.pt    the kept head after self-labelling (unless --no-self-label)
+  scan-<hash>.pt         after the SCAN step (the shared training loop): frozen, the clustering heads;
+                         trained, a network checkpoint `ssl extract --model` reads (arch, input size,
+                         normalisation, the trunk's state as the pretext checkpoint keeps it, --layer as
+                         its feature layer) with the heads under "heads"
+  features-<hash>.h5     trained: the SCAN step network's features of --data, on which the head is chosen
+  selflabel-<hash>.pt    the kept head after self-labelling (unless --no-self-label); trained, with the
+                         network, in the same form as scan-<hash>.pt
+  <stem>.network.pt      trained: a link to the last network checkpoint (selflabel, or scan without
+                         self-labelling); `ssl extract --model` on it at --pool-size gives <stem>.features.h5
+  features-<hash>.h5     trained: that network's features of --data, linked as <stem>.features.h5
   <out>                  the clusters artifact `ssl cluster` writes for k-means: assignments, per-row
                          confidence (the head's top probability; distances = 1 - confidence),
                          cluster sizes, NMI/ARI/ACC against targets; plus the head (head_weight (k, D),
                          head_bias (k,), on features standardised by feature_mean and feature_std (D,))
-                         that `ssl pseudolabel` applies to any features of that layer
+                         that `ssl pseudolabel` applies to any features of that layer of the network
+                         that came out; attrs scan_backbone and (trained) network, the linked checkpoint
 
 With --assign-data, the clusters are those of other images (SCAN's protocol: train on the training
-split, score the test split); their features are cached the same way and linked as
-<stem>.assign-features.h5. The clusters' `intermediates` attribute names every file the run used.
+split, score the test split); their features (by the network that came out) are cached the same way and
+linked as <stem>.assign-features.h5. The clusters' `intermediates` attribute names every file the run
+used. The two variants share the features and neighbours of the pretext network; their other files and
+the clusters' fingerprint differ (the frozen variant's are those of before --scan-backbone existed).
 
 Under torchrun every step is shared by the ranks: `ssl extract` shards the images; each rank mines the
 neighbours of its `row_share` of the rows against all rows; the SCAN step and self-labelling train through
 the shared loop (DDP, each rank its share of every batch); each rank scores the heads and assigns its
 share; the pieces are gathered, rank 0 writes every file (neighbours and clusters record `ranks` and
-`rank_rows`) and the others wait at a barrier. At --batch-size B a rank, W ranks take the SCAN step one
-process takes at W x B (`scan_step`); self-labelling differs from one process (the loop seeds each rank's
-augmentations by its rank, and the class weights come from each rank's confident rows).
+`rank_rows`) and the others wait at a barrier. At --batch-size B a rank, W ranks take the frozen SCAN step
+one process takes at W x B (`scan_step`); self-labelling and the trained variant differ from one process
+(the loop seeds each rank's augmentations by its rank, batch norm sees each rank's batch, and the class
+weights come from each rank's confident rows).
 """
 
 from __future__ import annotations
