@@ -339,7 +339,7 @@ def layer_reader(network, layer: str, pool_size: int) -> LayerReader:
 
 def source_rows(source, ids: np.ndarray) -> np.ndarray:
     """The source positions (N,) of the sample ids (N,) of a features file (extract skips unreadable images)."""
-    if len(ids) == len(source) and np.array_equal(ids, np.asarray(source.sample_ids, dtype=ids.dtype)):
+    if len(ids) == len(source) and np.array_equal(np.asarray(ids, dtype=object), np.asarray(source.sample_ids, dtype=object)):
         return np.arange(len(ids))
     position = {sample_id: index for index, sample_id in enumerate(source.sample_ids)}
     return np.array([position[str(sample_id)] for sample_id in ids], dtype=np.int64)
