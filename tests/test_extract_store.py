@@ -8,10 +8,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from interrupts import dies_on_call
 from PIL import Image
 
 from ssl_cli.config import PackConfig
-from ssl_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_batch, eval_transform
+from ssl_cli.data.transforms import eval_batch, eval_transform
 from ssl_cli.stages import extract, pack
 
 
@@ -55,15 +56,8 @@ def test_store_extract_killed_after_a_block_resumes_to_the_same_bytes(toy_store,
                                                                       monkeypatch) -> None:
     whole = extract.run(extract_cfg(toy_store, tmp_path / "whole.h5", batch_size=4)).out
     cfg = extract_cfg(toy_store, tmp_path / "f.h5", batch_size=4)
-    real_flush, calls = extract.flush, []
-
-    def flush_then_die(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_flush(*args, **kwargs)
-
-    monkeypatch.setattr(extract, "flush", flush_then_die)
+    real_flush = extract.flush
+    monkeypatch.setattr(extract, "flush", dies_on_call(real_flush, 2))  # killed after the first block
     with pytest.raises(KeyboardInterrupt):
         extract.run(cfg)
     with h5py.File(extract.partial_path(cfg.out), "r") as handle:

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from interrupts import dies_on_call
 
 from ssl_cli.config import ClusterConfig
 from ssl_cli.stages import cluster, extract
@@ -83,15 +84,8 @@ def test_an_interrupted_part_resumes_to_the_same_rows(broken_toy, extract_cfg, t
     reader = extract.LayerReader(prepared.network.model, prepared.network.spec, prepared.layer,
                                  cfg.pool, cfg.pool_size).eval()
     rank1 = ProcessGroup(rank=1, world=2)
-    real_flush, calls = extract.flush, []
-
-    def flush_then_die(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_flush(*args, **kwargs)
-
-    monkeypatch.setattr(extract, "flush", flush_then_die)
+    real_flush = extract.flush
+    monkeypatch.setattr(extract, "flush", dies_on_call(real_flush, 2))  # killed after its first block
     device = extract.resolve_device("cpu")
     with pytest.raises(KeyboardInterrupt):
         extract.extract_part(cfg, prepared, reader, device, 192, rank1, extract.SilentReporter())

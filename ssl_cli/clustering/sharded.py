@@ -21,7 +21,7 @@ import numpy as np
 from ssl_cli.artifacts.h5 import H5Artifact
 from ssl_cli.clustering.kmeans import nearest_centroids
 from ssl_cli.clustering.preprocess import PCA, CovarianceAccumulator
-from ssl_cli.clustering.stream import preprocessed_blocks
+from ssl_cli.clustering.stream import pca_sample, preprocessed_blocks
 from ssl_cli.errors import UserError
 from ssl_cli.train.ranks import ProcessGroup
 
@@ -53,14 +53,8 @@ def fit_pca_sharded(features: H5Artifact, dim: int, sample_rows: int, seed: int,
     the fit. A row with NaN or inf on any rank is a UserError on every rank (no rank is left waiting).
     Returns a PCA mapping (N, D) -> (N, dim).
     """
-    n, width = features["features"].shape
-    if dim > width:
-        raise UserError(f"--pca-dim {dim} exceeds the feature dimension {width}; use --pca-dim {width} or less, or 0 for no PCA")
-    chosen = np.zeros(n, dtype=bool)
-    chosen[np.random.default_rng(seed).choice(n, size=min(n, sample_rows), replace=False)] = True
-    if chosen.sum() <= dim:
-        raise UserError(f"--pca-dim {dim} needs more than {dim} sampled rows, have {int(chosen.sum())}; "
-                        f"raise --pca-sample or lower --pca-dim")
+    width = int(features["features"].shape[1])
+    chosen = pca_sample(features, dim, sample_rows, seed)
     # wire: [first bad row or -1, accumulator state]
     wire = np.zeros(1 + CovarianceAccumulator().state(width).size, dtype=np.float64)
     if group.rank > 0:

@@ -32,11 +32,9 @@ def check_finite(block: np.ndarray, offset: int, features: H5Artifact) -> None:
                         f"({sample_id}); re-extract the features or drop those images")
 
 
-def fit_pca_streamed(features: H5Artifact, dim: int, sample_rows: int, seed: int, chunk_rows: int) -> PCA:
-    """Fit a whitening PCA on a seeded sample of rows, read chunk by chunk; checks every row is finite.
-
-    Returns a PCA mapping (N, D) -> (N, dim).
-    """
+def pca_sample(features: H5Artifact, dim: int, sample_rows: int, seed: int) -> np.ndarray:
+    """(N,) bool: the seeded sample of rows a PCA to `dim` is fitted on (the same rows on every torchrun rank),
+    or a UserError when `dim` exceeds the features' width or the sample is too small for it."""
     n, width = features["features"].shape
     if dim > width:
         raise UserError(f"--pca-dim {dim} exceeds the feature dimension {width}; use --pca-dim {width} or less, or 0 for no PCA")
@@ -45,6 +43,15 @@ def fit_pca_streamed(features: H5Artifact, dim: int, sample_rows: int, seed: int
     if chosen.sum() <= dim:
         raise UserError(f"--pca-dim {dim} needs more than {dim} sampled rows, have {int(chosen.sum())}; "
                         f"raise --pca-sample or lower --pca-dim")
+    return chosen
+
+
+def fit_pca_streamed(features: H5Artifact, dim: int, sample_rows: int, seed: int, chunk_rows: int) -> PCA:
+    """Fit a whitening PCA on a seeded sample of rows, read chunk by chunk; checks every row is finite.
+
+    Returns a PCA mapping (N, D) -> (N, dim).
+    """
+    chosen = pca_sample(features, dim, sample_rows, seed)
     accumulator = CovarianceAccumulator()
     for offset, block in features.iter_rows("features", chunk_rows):
         block = block.astype(np.float32, copy=False)

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from scan_files import intermediates, rotation_checkpoint
 
 from ssl_cli.artifacts.checkpoint import load_checkpoint
 
@@ -23,17 +24,9 @@ TRAIN = ["--k", "4", "--scan-epochs", "2", "--self-label-epochs", "1", "--batch-
 
 @pytest.fixture(scope="module")
 def pretext_pt(toy_dir, tmp_path_factory, cli):
-    out = tmp_path_factory.mktemp("scan-train") / "rotation.pt"
-    result = cli("pretext", "--task", "rotation", "--arch", "alexnet_bn_lowres", "--width", "0.25", "--data", toy_dir,
-                 "--epochs", "1", "--batch-size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
-                 "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
+    return rotation_checkpoint(cli, toy_dir, tmp_path_factory.mktemp("scan-train") / "rotation.pt")
 
 
-def intermediates(out: Path) -> dict[str, Path]:
-    with h5py.File(out) as handle:
-        return {name: Path(path) for name, path in json.loads(handle.attrs["intermediates"]).items()}
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,24 @@ reproduces, --assign-data, up to date on a re-run, `ssl run`), and the bad input
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from scan_files import intermediates, rotation_checkpoint
 
 from ssl_cli.clustering import scan
 from ssl_cli.clustering.metrics import nmi
-from ssl_cli.clustering.scan import (ClusterHeads, assign, feature_statistics, head_losses, mine_neighbours,
-                                     neighbour_agreement, scan_step)
+from ssl_cli.clustering.scan import (
+    ClusterHeads,
+    assign,
+    feature_statistics,
+    head_losses,
+    mine_neighbours,
+    neighbour_agreement,
+    scan_step,
+)
 from ssl_cli.errors import UserError
 from ssl_cli.train.distributed import ProcessGroup, row_share
 
@@ -137,18 +144,9 @@ COMMON = ["--k", str(TOY_CLASSES), "--scan-epochs", "12", "--self-label-epochs",
 
 @pytest.fixture(scope="module")
 def pretext_pt(toy_dir, tmp_path_factory, cli):
-    out = tmp_path_factory.mktemp("scan") / "rotation.pt"
-    result = cli("pretext", "--task", "rotation", "--arch", "alexnet_bn_lowres", "--width", "0.25", "--data", toy_dir,
-                 "--epochs", "1", "--batch-size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
-                 "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
+    return rotation_checkpoint(cli, toy_dir, tmp_path_factory.mktemp("scan") / "rotation.pt")
 
 
-def intermediates(out: Path) -> dict[str, Path]:
-    """The cached files a SCAN clusters file says it was made from (features, neighbours, scan, selflabel)."""
-    with h5py.File(out) as handle:
-        return {name: Path(path) for name, path in json.loads(handle.attrs["intermediates"]).items()}
 
 
 @pytest.fixture(scope="module")
