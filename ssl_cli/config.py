@@ -366,8 +366,11 @@ class TrainConfig(StageConfig):
     deterministic: bool = Field(False, description="deterministic algorithms: identical weights after a resume")
     compile: bool = Field(False, description="torch.compile the network (a warm-up of seconds to minutes before the "
                           "first step, reported; faster steps where the compiler wins, see bench/README.md)")
+    checkpoint_minutes: float = Field(10.0, gt=0, le=10_000, description="inside an epoch, <out>.partial is also "
+                                      "written every this many minutes, so a kill -9 loses at most that much of an "
+                                      "epoch (ImageNet's take hours); the re-run resumes at that step")
     # how the network runs, not what it learns
-    DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"compile"}
+    DISPLAY_ONLY: ClassVar[frozenset[str]] = StageConfig.DISPLAY_ONLY | {"compile", "checkpoint_minutes"}
 
 
 class ClassifierTrainConfig(TrainConfig):

@@ -40,7 +40,7 @@ def group(*fields: str) -> tuple[Flag, ...]:
 
 # The options of the one training loop: pretext, train, retrain, finetune, self-train.
 TRAINING = group("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "warmup_epochs", "schedule",
-                 "seed", "deterministic", "compile")
+                 "seed", "deterministic", "compile", "checkpoint_minutes")
 # Batched augmentation and loss of the stages that learn classes (train, retrain, finetune, self-train).
 AUGMENTATION = group("min_scale", "shift", "flip")
 # How a stage runs, never what it computes (outside every fingerprint).

@@ -2,7 +2,8 @@
 
 Deterministic seeding; channels_last and bf16 autocast where they were measured to win (CUDA, and CPUs
 with native bf16: `device.training_channels_last` / `training_bf16`); torch.compile with `--compile`;
-`<out>.partial` written after every epoch and when SIGINT/SIGTERM arrives (then the process stops); a
+`<out>.partial` written after every epoch, every `checkpoint_seconds` inside one (so kill -9 loses at most that
+much), and when SIGINT/SIGTERM arrives (then the process stops); a
 re-run resumes from the partial at the exact step, with model, optimizer, RNG and metric history
 restored, and ends with the same weights as an uninterrupted run (in deterministic mode).
 `<stem>.metrics.jsonl` sits beside the checkpoint. Under torchrun it wraps the model in DDP; rank 0
@@ -64,6 +65,9 @@ class TrainOptions:
     # None: the device's measured choice (device.training_channels_last / training_bf16, bench/README.md)
     channels_last: bool | None = None
     bf16: bool | None = None
+    # <out>.partial is also written inside an epoch once this many seconds have passed since the last one
+    # (rank 0's clock decides, every rank saves at that step); None: at epoch ends and on SIGINT/SIGTERM only
+    checkpoint_seconds: float | None = 600.0
 
 
 class TrainDataset(Protocol):
@@ -287,6 +291,7 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                 "sums": sums.cpu() if sums is not None else None})
         distributed.barrier(group)
 
+    saved_at = time.monotonic()
     with stop_on_signal() as stop:
         for epoch in range(state["epoch"], options.epochs):
             start_step = state["step"] if epoch == state["epoch"] else 0
@@ -346,9 +351,14 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                     if not bool(torch.as_tensor(ok).all()):  # one check a batch; ids only for replaced images
                         skipped.update(dataset.sample_id(int(i)) for i, good in zip(indices, ok) if not good)
                     advance(n)
-                    if distributed.any_rank(stop.is_set(), group, device):
+                    due = group.is_main and options.checkpoint_seconds is not None \
+                        and time.monotonic() - saved_at >= options.checkpoint_seconds
+                    if distributed.any_rank(stop.is_set() or due, group, device):  # rare: a second all-reduce then
+                        stopping = distributed.any_rank(stop.is_set(), group, device)
                         save(epoch, batch_index + 1, torch.tensor(sums, dtype=torch.float64))
-                        raise KeyboardInterrupt
+                        saved_at = time.monotonic()
+                        if stopping:
+                            raise KeyboardInterrupt
             seconds = time.perf_counter() - began
             totals = torch.tensor(sums, dtype=torch.float64, device=device)
             distributed.all_reduce_sum(totals, group)
@@ -365,6 +375,7 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                           + "".join(f", {key} {value:.3f}" for key, value in extra.items())
                           + f", {history[-1]['images_per_second']:.0f} img/s")
             save(epoch + 1, 0)
+            saved_at = time.monotonic()
             if group.is_main:
                 write_metrics(out, history)
     if group.is_main:

@@ -91,7 +91,8 @@ def train_options(cfg: Any, images: int) -> TrainOptions:
     return TrainOptions(epochs=epochs_for(cfg, images), batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                         momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
                         schedule=cfg.schedule, seed=cfg.seed, deterministic=cfg.deterministic, device=cfg.device,
-                        workers=cfg.workers, progress=cfg.progress, compile=cfg.compile)
+                        workers=cfg.workers, progress=cfg.progress, compile=cfg.compile,
+                        checkpoint_seconds=60.0 * cfg.checkpoint_minutes)
 
 
 def batch_augment(cfg: Any, size: int, mean, std, normalise: str = "mean_std") -> BatchAugment:

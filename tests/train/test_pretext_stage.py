@@ -77,6 +77,33 @@ def test_sigkill_then_resume_gives_identical_weights(toy_dir, tmp_path, killed_t
     assert all(torch.equal(want[key], got[key]) for key in want)
 
 
+def test_sigkill_mid_epoch_resumes_from_the_timed_checkpoint_to_identical_weights(toy_dir, tmp_path):
+    """One epoch only: with --checkpoint-minutes tiny the partial is written inside the epoch, so a kill -9 loses
+    only the steps since it (an ImageNet epoch is hours); the re-run resumes at that step, same weights."""
+    import signal
+    import time
+
+    args = [*ROTATION, "--data", str(toy_dir), "--epochs", "1", "--checkpoint-minutes", "0.0001"]
+    reference = tmp_path / "reference.pt"
+    assert _run([*args, "--out", str(reference)]).wait(timeout=240) == 0
+    out = tmp_path / "k.pt"
+    partial = out.with_name(out.name + ".partial")
+    process = _run([*args, "--out", str(out)])
+    deadline = time.time() + 240
+    while not partial.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial.exists() and not out.exists()
+    saved = torch.load(partial, weights_only=True)
+    assert saved["epoch"] == 0 and saved["step"] >= 1  # inside the only epoch
+    resumed = _run([*args, "--out", str(out)])
+    output = resumed.communicate(timeout=240)[0].decode()
+    assert resumed.returncode == 0 and "resuming" in output, output
+    want, got = (torch.load(path, weights_only=True)["model"] for path in (reference, out))
+    assert all(torch.equal(want[key], got[key]) for key in want)
+
+
 def test_torchrun_two_gloo_ranks_write_one_checkpoint(toy_dir, tmp_path):
     out = tmp_path / "ddp.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
