@@ -45,6 +45,9 @@ from ssl_cli.train.sampler import EpochSampler
 from ssl_cli.train.schedule import learning_rate
 
 
+TIMED_CHECK_STEPS = 50  # under torchrun, how often the ranks ask whether rank 0's checkpoint time has come
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     epochs: int
@@ -351,14 +354,17 @@ def train(model: nn.Module, dataset: TrainDataset, step: StepFn, options: TrainO
                     if not bool(torch.as_tensor(ok).all()):  # one check a batch; ids only for replaced images
                         skipped.update(dataset.sample_id(int(i)) for i, good in zip(indices, ok) if not good)
                     advance(n)
-                    due = group.is_main and options.checkpoint_seconds is not None \
+                    if distributed.any_rank(stop.is_set(), group, device):
+                        save(epoch, batch_index + 1, torch.tensor(sums, dtype=torch.float64))
+                        raise KeyboardInterrupt
+                    due = options.checkpoint_seconds is not None \
                         and time.monotonic() - saved_at >= options.checkpoint_seconds
-                    if distributed.any_rank(stop.is_set() or due, group, device):  # rare: a second all-reduce then
-                        stopping = distributed.any_rank(stop.is_set(), group, device)
+                    if group.active:  # rank 0's clock decides, asked every TIMED_CHECK_STEPS steps (one all-reduce)
+                        due = (batch_index + 1) % TIMED_CHECK_STEPS == 0 \
+                            and distributed.any_rank(due and group.is_main, group, device)
+                    if due:
                         save(epoch, batch_index + 1, torch.tensor(sums, dtype=torch.float64))
                         saved_at = time.monotonic()
-                        if stopping:
-                            raise KeyboardInterrupt
             seconds = time.perf_counter() - began
             totals = torch.tensor(sums, dtype=torch.float64, device=device)
             distributed.all_reduce_sum(totals, group)
