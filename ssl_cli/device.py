@@ -72,6 +72,6 @@ def inference_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     CPUs where training uses it (oneDNN's NHWC convolutions: alexnet_bn_lowres at 32 px extracted 1.9x faster
     on this project's 2-core x86 than from NCHW, the same model). The values are the same; the features differ
     from NCHW's in their last bits (another convolution algorithm), the same run to run."""
-    if device.type == "cuda" or (images.dim() == 4 and training_channels_last(device)):
-        return images.to(device, non_blocking=device.type == "cuda", memory_format=torch.channels_last)
-    return images.to(device)
+    if device.type == "cpu" and images.dim() == 4 and training_channels_last(device):
+        return images.contiguous(memory_format=torch.channels_last)
+    return to_device(images, device)  # channels_last on CUDA too

@@ -270,7 +270,7 @@ def calibrate(search: Callable[[int], np.ndarray], steps: list[int], truth: np.n
     no margin) was 0.949 on 500 other rows."""
     recall = 0.0
     for step in steps:
-        per_row = row_recalls(search(step), truth)
+        per_row = row_hits(np.asarray(search(step)), truth) / max(truth.shape[1], 1)
         recall = float(per_row.mean()) if per_row.size else 1.0
         spare = CALIBRATION_Z * float(per_row.std()) / math.sqrt(max(len(per_row), 1))
         if recall - spare >= target:
@@ -278,13 +278,12 @@ def calibrate(search: Callable[[int], np.ndarray], steps: list[int], truth: np.n
     return step, recall
 
 
-def row_recalls(approx_indices: np.ndarray, exact_indices: np.ndarray) -> np.ndarray:
-    """(Q,) recall@k of each row: |approx row & exact row| / k (see `recall_at_k`)."""
-    approx_indices, exact_indices = np.asarray(approx_indices), np.asarray(exact_indices)
+def row_hits(approx_indices: np.ndarray, exact_indices: np.ndarray) -> np.ndarray:
+    """(Q,) int64: how many of each row's exact neighbours (Q, k) the approximate search (Q, k' columns, any
+    order) found; rows of -1 find none."""
     hits = [(approx_indices[start:start + 65536, :, None] == exact_indices[start:start + 65536, None, :]).any(1).sum(1)
             for start in range(0, len(exact_indices), 65536)]  # bounds the (rows, k', k) comparison
-    k = max(exact_indices.shape[1], 1) if exact_indices.ndim == 2 else 1
-    return np.concatenate(hits).astype(np.float64) / k if hits else np.zeros(0)
+    return np.concatenate(hits).astype(np.int64) if hits else np.zeros(0, dtype=np.int64)
 
 
 def recall_at_k(approx_indices: np.ndarray, exact_indices: np.ndarray) -> float:
@@ -295,11 +294,7 @@ def recall_at_k(approx_indices: np.ndarray, exact_indices: np.ndarray) -> float:
         raise ValueError(f"recall_at_k needs as many rows of each: {len(approx_indices)} != {len(exact_indices)}")
     if exact_indices.size == 0:
         return 1.0
-    hits = 0
-    for start in range(0, len(exact_indices), 65536):  # bounds the (rows, k', k) comparison
-        approx, exact = approx_indices[start : start + 65536], exact_indices[start : start + 65536]
-        hits += int((approx[:, :, None] == exact[:, None, :]).any(1).sum())
-    return hits / exact_indices.size
+    return int(row_hits(approx_indices, exact_indices).sum()) / exact_indices.size
 
 
 def _warn(message: str) -> None:

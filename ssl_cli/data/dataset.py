@@ -153,7 +153,8 @@ class StoreRows:
         """Every RELEASE_BYTES copied, the map's pages leave this process (madvise DONTNEED; the page cache
         keeps them, so the next read of a row is a minor fault). Without it every page an epoch touches counts
         in the process's resident set: 2.7 GB of file pages a third of the way through an epoch over 1.28M
-        rows at 32 px, growing with N (with it: flat, about 0.1 GB; reads ~8% slower, far above a step's)."""
+        rows at 32 px, growing with N (with it: 1.7 GB of peak RSS for that whole retrain; bench/streaming.py's
+        store rows still train at 1.01 of the in-memory path)."""
         self._copied += copied
         if self._copied >= RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
             self._copied = 0

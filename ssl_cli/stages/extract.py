@@ -318,9 +318,8 @@ def reads_rows(source: ImageSource, network: Network) -> bool:
     (uint8, RGB or grey, at the network's input size, plain RGB input): then batches are read as row blocks
     and converted on the batch (`store_batches`) instead of image by image through PIL in worker processes,
     which on 2 cores took the cores from the network (a third of the bare forward pass's images/s)."""
-    shape = getattr(source, "shape", ())
     return (isinstance(source, H5ImageSource) and source.native_size == network.input_size
-            and network.input_mode == "rgb" and len(shape) == 4 and shape[-1] in (1, 3)
+            and network.input_mode == "rgb" and len(source.shape) == 4 and source.shape[-1] in (1, 3)
             and source.dtype == np.uint8)
 
 
